@@ -1,0 +1,1 @@
+"""The embedded offline world (procedural images and a tiny pretrained CLIP)."""

@@ -1,0 +1,165 @@
+"""The Task contract: data for (dataset, shots, seed), the loss, and the evaluator.
+
+    @register_task("classification")
+    class Classification(Task):
+        Options = ClassificationOptions     # task options (frozen dataclass), hashed into the run
+        metrics = {"acc": "higher"}         # every metric with its direction
+        primary_metric = "acc"
+        default_dataset = "synth"
+        def build(self, dataset, shots, seed, backbone, env) -> TaskData: ...
+        def loss(self, model, batch) -> Tensor: ...
+        def evaluate(self, model, data, env) -> dict[str, float]: ...
+
+Model selection never looks at test data: the last iterate is evaluated (or a method selects on
+`data.val`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from peftbench.errors import UsageError
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Options shared by every task; tasks subclass this with their own (e.g. held-out domain)."""
+
+
+@dataclass
+class DataEnv:
+    """Where data lives and how to read it (not part of a run's identity; recorded)."""
+
+    data_root: Path | None = None
+    split_dir: Path = Path("results/splits")
+    workers: int = 0
+    eval_batch_size: int = 128
+    strict_shots: bool = False
+    skip_corrupt: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+@dataclass
+class TaskData:
+    """Everything a run needs from a task, built once per (dataset, shots, seed)."""
+
+    classnames: list[str]  # the classes the method's head is built for (training classes)
+    template: str  # the dataset's hand-written prompt template
+    train: Dataset
+    val: Dataset | None
+    test: Any  # task-specific evaluation sets
+    fingerprint: dict[str, Any]  # split file + sha256, hash of the file list read, counts
+    info: dict[str, Any] = field(default_factory=dict)  # warnings, resolved options: recorded
+
+
+class Task:
+    name: ClassVar[str] = "?"
+    Options: ClassVar[type[TaskOptions]] = TaskOptions
+    metrics: ClassVar[dict[str, str]] = {}
+    primary_metric: ClassVar[str] = ""
+    default_dataset: ClassVar[str] = ""
+
+    def __init__(self, options: TaskOptions | None = None):
+        self.options = options if options is not None else self.Options()
+
+    def build(self, dataset: str, shots: int, seed: int, backbone, env: DataEnv) -> TaskData:
+        raise NotImplementedError
+
+    def train_loader(self, data: TaskData, batch_size: int, seed: int, env: DataEnv) -> DataLoader:
+        """Shuffled mini-batches, seeded (same order on every run of the same spec)."""
+        g = torch.Generator().manual_seed(seed)
+        return DataLoader(
+            data.train,
+            batch_size=min(batch_size, len(data.train)),
+            shuffle=True,
+            generator=g,
+            num_workers=env.workers,
+            worker_init_fn=seed_worker,
+            drop_last=False,
+        )
+
+    def loss(self, model, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, model, data: TaskData, env: DataEnv) -> dict[str, float]:
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------ images
+class ImageList(Dataset):
+    """(image, label) or (image, label, domain) from relative paths under a root."""
+
+    def __init__(self, root: Path, items: Sequence[tuple], transform, invert: Sequence[bool] | bool = False,
+                 skip_corrupt: bool = False):
+        self.root = Path(root)
+        self.items = list(items)
+        self.transform = transform
+        self.invert = invert
+        self.skip_corrupt = skip_corrupt
+        self.corrupt: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, index: int) -> Image.Image:
+        rel = self.items[index][0]
+        path = self.root / rel
+        try:
+            with Image.open(path) as im:
+                im.load()
+                img = im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            if not self.skip_corrupt:
+                raise UsageError(f"cannot read image {path}: {e} (pass --skip-corrupt to skip such files)") from e
+            self.corrupt.append(str(rel))
+            img = Image.new("RGB", (8, 8))
+        invert = self.invert[index] if isinstance(self.invert, (list, tuple)) else self.invert
+        return ImageOps.invert(img) if invert else img
+
+    def __getitem__(self, index: int):
+        item = self.items[index]
+        return (self.transform(self.load(index)), *item[1:])
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed numpy and python in loader workers from torch's per-worker seed."""
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+# ------------------------------------------------------------------------------ splits
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def files_fingerprint(paths: Sequence[str]) -> str:
+    """sha256 of the sorted list of files read."""
+    return sha256_text("\n".join(sorted(paths)))
+
+
+def write_json_atomic(path: Path, obj: Any) -> str:
+    """Write JSON atomically; returns its sha256."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(obj, indent=1, sort_keys=False) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return sha256_text(text)

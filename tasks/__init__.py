@@ -1,0 +1,1 @@
+"""Built-in tasks, one file per task family (importable as peftbench.tasks.<name>)."""
