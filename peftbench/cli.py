@@ -325,6 +325,10 @@ def params(
               f"({result['trainable_percent']:.3f}%)")
 
 
+# Subcommands defined in their own modules register on `app` when imported here:
+# from peftbench import <module>  # noqa: E402,F401
+
+
 def main() -> None:
     """Console entry point."""
     app()

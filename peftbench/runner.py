@@ -18,7 +18,7 @@ import socket
 import subprocess
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +138,7 @@ def resolve(spec: RunSpec, device: torch.device) -> ResolvedRun:
         embed_dim=info.embed_dim,
     )
     config = build_config(method_cls.Config, dict(spec.method_overrides), what=f"{spec.method} config")
-    config = config.resolve(ctx)
+    config = task.resolve_method_config(config.resolve(ctx), ctx)
     resolved = {
         "backbone": {"name": spec.backbone, "weights": weights_identity(info.pretrained), "quick_gelu": info.quick_gelu},
         "method": {"name": spec.method, "config": to_dict(config)},
@@ -290,8 +290,3 @@ def versions() -> dict[str, Any]:
         "python": platform.python_version(),
         "git_sha": sha,
     }
-
-
-@dataclass
-class GridResult:
-    outcomes: list[RunOutcome] = field(default_factory=list)

@@ -76,6 +76,11 @@ class Task:
     def build(self, dataset: str, shots: int, seed: int, backbone, env: DataEnv) -> TaskData:
         raise NotImplementedError
 
+    def resolve_method_config(self, config, ctx):
+        """Adjust a method's resolved config to this task's recipe (e.g. UCDR fixes the run length
+        and batch composition for every method). Runs before hashing. Default: unchanged."""
+        return config
+
     def train_loader(self, data: TaskData, batch_size: int, seed: int, env: DataEnv) -> DataLoader:
         """Shuffled mini-batches, seeded (same order on every run of the same spec)."""
         g = torch.Generator().manual_seed(seed)
