@@ -67,9 +67,6 @@ class UCDRSource:
     udcdr_fraction_by_domain: dict[str, float] = field(default_factory=dict)  # e.g. {"quickdraw": 0.10}
     map_k: int | None = 200  # mAP@K; None = mAP@all
     prec_k: int = 200  # Prec@K
-    mail_epochs: int = 1  # MAIL's training epochs on this dataset (converted to steps at the run's K)
-    steps: int | None = None  # a fixed run length instead (the embedded world); give `steps_reason`
-    steps_reason: str = ""
     template: str = "a photo of a {}."
     unlisted: list[str] = field(default_factory=list)  # class folders on disk that are in no list
     notes: list[str] = field(default_factory=list)  # recorded in the run (e.g. which class split)
@@ -120,17 +117,29 @@ class UCDRDataset:
     """Base for UCDR datasets: `load(env, options)` reads the disk layout into a UCDRSource.
 
     Subclasses set `folder` (under the data root) and `layout` (shown when the root is wrong),
-    and implement `load`. `class_splits` lists the accepted `options.class_split` values (the
-    first is what "default" means). A generated dataset (the embedded world) may ignore the data
-    root and write its files anywhere, as long as `root` / relative path exists.
+    and implement `load` (and `n_seen_classes`, unless `steps` is fixed). `class_splits` lists
+    the accepted `options.class_split` values (the first is what "default" means).
+    A generated dataset (the embedded world) may ignore the data root and write its files
+    anywhere, as long as `root` / relative path exists.
     """
 
     name: ClassVar[str] = "?"
     folder: ClassVar[str] = ""
     layout: ClassVar[str] = ""
     class_splits: ClassVar[tuple[str, ...]] = ("default",)
+    # The run length (resolved before hashing, so without reading the disk): MAIL's epochs on this
+    # dataset, converted to steps at the run's K with `n_seen_classes`; or a fixed number of steps
+    # (the embedded world), with the reason recorded.
+    mail_epochs: ClassVar[int] = 1
+    steps: ClassVar[int | None] = None
+    steps_reason: ClassVar[str] = ""
+    train_domains: ClassVar[int | None] = None  # training domains per run, if fixed (batch = 12 x this)
 
     def load(self, env: DataEnv, options: UCDROptions) -> UCDRSource:
+        raise NotImplementedError
+
+    def n_seen_classes(self, options: UCDROptions) -> int:
+        """Seen (training) classes under `options`, without reading the disk (for the run length)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers for readers
