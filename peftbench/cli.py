@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -136,7 +137,7 @@ def run(
 ) -> None:
     """Run METHOD on TASK for every (shots, seed) cell, skipping cells the store already has."""
     from peftbench.results import ResultStore
-    from peftbench.runner import RunSpec, execute
+    from peftbench.runner import RunSpec, execute, resolve
 
     _plugins(plugin)
     shot_list = parse_int_list(shots, "--shots")
@@ -159,12 +160,14 @@ def run(
         for k in shot_list
         for s in seed_list
     ]
-    outcomes = []
-    for i, spec in enumerate(specs, 1):
-        err.print(f"[{i}/{len(specs)}] {spec.method} / {spec.task} / {spec.dataset or 'default'} "
-                  f"shots={spec.shots} seed={spec.seed}")
-        outcomes.append(execute(spec, store, env, force=force, retry_failed=retry_failed, progress=progress))
+    for spec in specs:  # validate every cell (names, configs) before running any
+        resolve(spec, env.device)
+    outcomes = [
+        execute(spec, store, env, force=force, retry_failed=retry_failed, progress=progress) for spec in specs
+    ]
     _print_outcomes(outcomes)
+    counts = Counter(o.status for o in outcomes)
+    out.print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + f" ({len(outcomes)} cells)")
     failed = [o for o in outcomes if o.status in ("failed", "skipped-failed")]
     if failed:
         err.print(f"{len(failed)} cell(s) failed; see `peftbench show {results_dir}`; rerun them with --retry-failed")
@@ -312,7 +315,7 @@ def params(
         method_overrides=tuple(sorted(method_over.items())),
         task_overrides=tuple(sorted(task_over.items())),
     )
-    run_ = resolve(spec, torch.device("cpu"))
+    run_ = resolve(spec, torch.device("cpu"), check_dataset=False)
     model = build_method(run_, [f"class {i}" for i in range(classes)], "a photo of a {}.")
     trainable = model.num_trainable()
     total = sum(p.numel() for p in model.parameters())
@@ -327,6 +330,8 @@ def params(
 
 # Subcommands defined in their own modules register on `app` when imported here:
 # from peftbench import <module>  # noqa: E402,F401
+from peftbench import sweep  # noqa: E402,F401
+from peftbench import splits  # noqa: E402,F401
 
 
 def main() -> None:

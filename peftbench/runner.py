@@ -110,8 +110,10 @@ def weights_identity(pretrained: str | None) -> str | None:
     return pretrained
 
 
-def resolve(spec: RunSpec, device: torch.device) -> ResolvedRun:
-    """Fill context-dependent defaults and compute the config hash (raises UsageError)."""
+def resolve(spec: RunSpec, device: torch.device, check_dataset: bool = True) -> ResolvedRun:
+    """Fill context-dependent defaults and compute the config hash (raises UsageError).
+
+    check_dataset=False skips the dataset lookup (parameter counting needs no data)."""
     method_cls = get_method(spec.method)
     task_cls = get_task(spec.task)
     if spec.task not in method_cls.tasks:
@@ -119,7 +121,8 @@ def resolve(spec: RunSpec, device: torch.device) -> ResolvedRun:
             f"method {spec.method!r} does not support task {spec.task!r}; it supports: {', '.join(method_cls.tasks)}"
         )
     dataset = spec.dataset or task_cls.default_dataset
-    get_dataset(spec.task, dataset)
+    if check_dataset:
+        get_dataset(spec.task, dataset)
     if spec.shots < 1:
         raise UsageError(f"shots must be >= 1, got {spec.shots}")
     task_options = build_config(task_cls.Options, dict(spec.task_overrides), what=f"{spec.task} task option")

@@ -75,7 +75,8 @@ class Classification(Task):
 
     def build(self, dataset: str, shots: int, seed: int, backbone, env: DataEnv) -> TaskData:
         source = get_dataset(self.name, dataset)().load(env)
-        split = sample_fewshot(dataset, shots, seed, source.train, source.val, strict=env.strict_shots)
+        split = sample_fewshot(dataset, shots, seed, source.train, source.val, strict=env.strict_shots,
+                               group_names=dict(enumerate(source.classnames)))
         split["classnames"] = source.classnames
         path = split_path(env.split_dir, self.name, dataset, shots, seed)
         split_sha = write_or_check(path, split)
