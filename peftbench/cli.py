@@ -332,6 +332,7 @@ def params(
 # from peftbench import <module>  # noqa: E402,F401
 from peftbench import sweep  # noqa: E402,F401
 from peftbench import splits  # noqa: E402,F401
+from peftbench import export  # noqa: E402,F401
 
 
 def main() -> None:
