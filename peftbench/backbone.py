@@ -298,8 +298,14 @@ def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     return old
 
 
-def attn_forward(attn: nn.MultiheadAttention, x: torch.Tensor, attn_mask: torch.Tensor | None,
-                 q_delta=None, k_delta=None, v_delta=None) -> torch.Tensor:
+def attn_forward(
+    attn: nn.MultiheadAttention,
+    x: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    q_delta=None,
+    k_delta=None,
+    v_delta=None,
+) -> torch.Tensor:
     """Self-attention of open_clip's fused MultiheadAttention, with optional additive deltas
     on q, k, v (B, N, D) before the heads are split (LoRA). Returns the output after out_proj.
     """
@@ -427,7 +433,9 @@ def load_backbone(
         n_image_blocks=len(model.visual.transformer.resblocks),
         n_text_blocks=len(text.transformer.resblocks),
         image_size=int(image_size),
-        context_length=int(text.context_length if hasattr(text, "context_length") else text.attn_mask.shape[0]),
+        context_length=int(
+            text.context_length if hasattr(text, "context_length") else text.attn_mask.shape[0]
+        ),
         notes=notes,
     )
     mean = pp.get("mean", open_clip.OPENAI_DATASET_MEAN)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -56,7 +55,7 @@ def split_sets(pairs: list[str]) -> tuple[dict, dict]:
 
     parsed = parse_overrides(pairs)
     method = {k: v for k, v in parsed.items() if not k.startswith("task.")}
-    task = {k[len("task."):]: v for k, v in parsed.items() if k.startswith("task.")}
+    task = {k[len("task.") :]: v for k, v in parsed.items() if k.startswith("task.")}
     return method, task
 
 
@@ -104,10 +103,14 @@ def command(name: str | None = None):
     return deco
 
 
-PluginOpt = Annotated[list[Path] | None, typer.Option("--plugin", help="A Python file that registers methods or tasks.")]
+PluginOpt = Annotated[
+    list[Path] | None, typer.Option("--plugin", help="A Python file that registers methods or tasks.")
+]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a method config field (key=value) or a task option (task.key=value)."),
+    typer.Option(
+        "--set", help="Override a method config field (key=value) or a task option (task.key=value)."
+    ),
 ]
 
 
@@ -115,8 +118,12 @@ SetOpt = Annotated[
 def run(
     method: Annotated[str, typer.Option(help="Method name (`peftbench list methods`).")] = "zeroshot",
     task: Annotated[str, typer.Option(help="Task name (`peftbench list tasks`).")] = "classification",
-    dataset: Annotated[str | None, typer.Option(help="Dataset id; default: the task's embedded dataset.")] = None,
-    backbone: Annotated[str, typer.Option(help="open_clip architecture, shipped backbone, or config JSON.")] = "synth-tiny",
+    dataset: Annotated[
+        str | None, typer.Option(help="Dataset id; default: the task's embedded dataset.")
+    ] = None,
+    backbone: Annotated[
+        str, typer.Option(help="open_clip architecture, shipped backbone, or config JSON.")
+    ] = "synth-tiny",
     pretrained: Annotated[
         str, typer.Option(help="open_clip tag, local weights file, 'default' (shipped weights) or 'none'.")
     ] = "default",
@@ -125,14 +132,22 @@ def run(
     set_: SetOpt = None,
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:1, ...")] = "auto",
     results_dir: Annotated[Path, typer.Option(help="The results store.")] = Path("results"),
-    data_root: Annotated[Path | None, typer.Option(help="Folder holding the datasets (or PEFTBENCH_DATA).")] = None,
-    split_dir: Annotated[Path | None, typer.Option(help="Where split files go; default RESULTS_DIR/splits.")] = None,
+    data_root: Annotated[
+        Path | None, typer.Option(help="Folder holding the datasets (or PEFTBENCH_DATA).")
+    ] = None,
+    split_dir: Annotated[
+        Path | None, typer.Option(help="Where split files go; default RESULTS_DIR/splits.")
+    ] = None,
     workers: Annotated[int, typer.Option(help="Data loader worker processes.")] = 0,
     plugin: PluginOpt = None,
     retry_failed: Annotated[bool, typer.Option(help="Rerun cells whose latest record failed.")] = False,
     force: Annotated[bool, typer.Option(help="Rerun every cell, even finished ones.")] = False,
-    strict_shots: Annotated[bool, typer.Option(help="Error when a class has fewer images than --shots.")] = False,
-    skip_corrupt: Annotated[bool, typer.Option(help="Skip unreadable images (counted) instead of failing.")] = False,
+    strict_shots: Annotated[
+        bool, typer.Option(help="Error when a class has fewer images than --shots.")
+    ] = False,
+    skip_corrupt: Annotated[
+        bool, typer.Option(help="Skip unreadable images (counted) instead of failing.")
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars on stderr.")] = True,
 ) -> None:
     """Run METHOD on TASK for every (shots, seed) cell, skipping cells the store already has."""
@@ -167,10 +182,15 @@ def run(
     ]
     _print_outcomes(outcomes)
     counts = Counter(o.status for o in outcomes)
-    out.print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + f" ({len(outcomes)} cells)")
+    out.print(
+        ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + f" ({len(outcomes)} cells)"
+    )
     failed = [o for o in outcomes if o.status in ("failed", "skipped-failed")]
     if failed:
-        err.print(f"{len(failed)} cell(s) failed; see `peftbench show {results_dir}`; rerun them with --retry-failed")
+        err.print(
+            f"{len(failed)} cell(s) failed; see `peftbench show {results_dir}`; "
+            "rerun them with --retry-failed"
+        )
         raise typer.Exit(1)
 
 
@@ -227,7 +247,11 @@ def list_(
             for n, c in sorted(TASKS.items())
         ]
     elif kind == "datasets":
-        rows = [{"task": t, "name": n, "summary": _summary(c)} for t, ds in sorted(DATASETS.items()) for n, c in sorted(ds.items())]
+        rows = [
+            {"task": t, "name": n, "summary": _summary(c)}
+            for t, ds in sorted(DATASETS.items())
+            for n, c in sorted(ds.items())
+        ]
     else:
         rows = [{"name": n} for n in list_backbones()]
     if as_json:
@@ -249,7 +273,9 @@ def _summary(cls) -> str:
 def show(
     results_dir: Annotated[Path, typer.Argument(help="The results store.")] = Path("results"),
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-    all_records: Annotated[bool, typer.Option("--all", help="Every record, not just each cell's latest.")] = False,
+    all_records: Annotated[
+        bool, typer.Option("--all", help="Every record, not just each cell's latest.")
+    ] = False,
 ) -> None:
     """Show the records of a results store as a table (each cell's latest record)."""
     from peftbench.results import ResultStore, strip_private
@@ -259,7 +285,14 @@ def show(
         recs = store.records() if all_records else list(store.latest_by_cell().values())
     if store.skipped:
         err.print(f"warning: skipped {len(store.skipped)} unreadable record(s)")
-    recs.sort(key=lambda r: (r["spec"]["method"], r["resolved"]["task"]["dataset"], r["spec"]["shots"], r["spec"]["seed"]))
+    recs.sort(
+        key=lambda r: (
+            r["spec"]["method"],
+            r["resolved"]["task"]["dataset"],
+            r["spec"]["shots"],
+            r["spec"]["seed"],
+        )
+    )
     if as_json:
         print(json.dumps([strip_private(r) for r in recs], indent=1, default=str))
         return
@@ -267,7 +300,20 @@ def show(
         err.print(f"no records in {results_dir}; produce some with `peftbench run --method zeroshot`")
         return
     table = Table(title=f"{len(recs)} record(s) in {results_dir}")
-    for col in ("hash", "method", "task", "dataset", "backbone", "shots", "seed", "status", "metric", "trainable", "train s", "merged"):
+    for col in (
+        "hash",
+        "method",
+        "task",
+        "dataset",
+        "backbone",
+        "shots",
+        "seed",
+        "status",
+        "metric",
+        "trainable",
+        "train s",
+        "merged",
+    ):
         table.add_column(col)
     for r in recs:
         name, value = _primary(r)
@@ -319,20 +365,29 @@ def params(
     model = build_method(run_, [f"class {i}" for i in range(classes)], "a photo of a {}.")
     trainable = model.num_trainable()
     total = sum(p.numel() for p in model.parameters())
-    result = {"method": method, "backbone": backbone, "trainable": trainable, "total": total,
-              "trainable_percent": 100.0 * trainable / total, "config": run_.resolved["method"]["config"]}
+    result = {
+        "method": method,
+        "backbone": backbone,
+        "trainable": trainable,
+        "total": total,
+        "trainable_percent": 100.0 * trainable / total,
+        "config": run_.resolved["method"]["config"],
+    }
     if as_json:
         print(json.dumps(result, indent=1))
         return
-    out.print(f"{method} on {backbone}: {trainable:,} trainable of {total:,} parameters "
-              f"({result['trainable_percent']:.3f}%)")
+    out.print(
+        f"{method} on {backbone}: {trainable:,} trainable of {total:,} parameters "
+        f"({result['trainable_percent']:.3f}%)"
+    )
 
 
-# Subcommands defined in their own modules register on `app` when imported here:
-# from peftbench import <module>  # noqa: E402,F401
-from peftbench import sweep  # noqa: E402,F401
-from peftbench import splits  # noqa: E402,F401
-from peftbench import export  # noqa: E402,F401
+# Subcommands defined in their own modules register on `app` when imported here.
+from peftbench import (  # noqa: E402
+    export,  # noqa: E402,F401
+    splits,  # noqa: E402,F401
+    sweep,  # noqa: E402,F401
+)
 
 
 def main() -> None:

@@ -148,7 +148,7 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(name, f"expected {len(args)} values, got {value!r}")
-            return tuple(coerce(name, v, a) for v, a in zip(value, args))
+            return tuple(coerce(name, v, a) for v, a in zip(value, args, strict=True))
         inner = args[0] if args else Any
         return origin(coerce(name, v, inner) for v in value)
     if tp is Any:

@@ -105,7 +105,9 @@ class ResultStore:
     def records(self) -> list[dict[str, Any]]:
         recs = list(self.iter_records())
         if self.skipped:
-            warnings.warn(f"skipped {len(self.skipped)} unreadable record(s), e.g. {self.skipped[0]}", stacklevel=2)
+            warnings.warn(
+                f"skipped {len(self.skipped)} unreadable record(s), e.g. {self.skipped[0]}", stacklevel=2
+            )
         return recs
 
     def cell_records(self, config_hash: str) -> list[dict[str, Any]]:

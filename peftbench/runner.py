@@ -143,7 +143,11 @@ def resolve(spec: RunSpec, device: torch.device, check_dataset: bool = True) -> 
     config = build_config(method_cls.Config, dict(spec.method_overrides), what=f"{spec.method} config")
     config = task.resolve_method_config(config.resolve(ctx), ctx)
     resolved = {
-        "backbone": {"name": spec.backbone, "weights": weights_identity(info.pretrained), "quick_gelu": info.quick_gelu},
+        "backbone": {
+            "name": spec.backbone,
+            "weights": weights_identity(info.pretrained),
+            "quick_gelu": info.quick_gelu,
+        },
         "method": {"name": spec.method, "config": to_dict(config)},
         "task": {"name": spec.task, "dataset": dataset, "options": to_dict(task_options)},
         "shots": spec.shots,
@@ -223,8 +227,17 @@ def _run(run: ResolvedRun, env: DataEnv, progress: bool, checkpoint_dir: Path | 
     try:
         model.prepare(data)
         ckpt = checkpoint_dir / f"{run.config_hash}.pt" if checkpoint_dir else None
-        stats = fit(model, run.task, data, run.method_config, env, spec.seed, ckpt, progress,
-                    description=f"{spec.method} {run.dataset} {spec.shots}-shot seed {spec.seed}")
+        stats = fit(
+            model,
+            run.task,
+            data,
+            run.method_config,
+            env,
+            spec.seed,
+            ckpt,
+            progress,
+            description=f"{spec.method} {run.dataset} {spec.shots}-shot seed {spec.seed}",
+        )
         record["train"] = dataclasses.asdict(stats)
         state = model.trainable_state_dict()
         evaluated = model

@@ -105,8 +105,14 @@ class Task:
 class ImageList(Dataset):
     """(image, label) or (image, label, domain) from relative paths under a root."""
 
-    def __init__(self, root: Path, items: Sequence[tuple], transform, invert: Sequence[bool] | bool = False,
-                 skip_corrupt: bool = False):
+    def __init__(
+        self,
+        root: Path,
+        items: Sequence[tuple],
+        transform,
+        invert: Sequence[bool] | bool = False,
+        skip_corrupt: bool = False,
+    ):
         self.root = Path(root)
         self.items = list(items)
         self.transform = transform
@@ -126,7 +132,9 @@ class ImageList(Dataset):
                 img = im.convert("RGB")
         except (UnidentifiedImageError, OSError) as e:
             if not self.skip_corrupt:
-                raise UsageError(f"cannot read image {path}: {e} (pass --skip-corrupt to skip such files)") from e
+                raise UsageError(
+                    f"cannot read image {path}: {e} (pass --skip-corrupt to skip such files)"
+                ) from e
             self.corrupt.append(str(rel))
             img = Image.new("RGB", (8, 8))
         invert = self.invert[index] if isinstance(self.invert, (list, tuple)) else self.invert

@@ -62,7 +62,9 @@ def build_optimizer(cfg: MethodConfig, params: list[torch.nn.Parameter]) -> torc
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(
+            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
@@ -160,7 +162,9 @@ def fit(
                     if extra is not None:
                         loss = loss + extra
                 if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"loss became {loss.item()} at step {step} (lr {scheduler.get_last_lr()[0]:.3g})")
+                    raise NonFiniteLoss(
+                        f"loss became {loss.item()} at step {step} (lr {scheduler.get_last_lr()[0]:.3g})"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.grad_clip is not None:
@@ -173,7 +177,12 @@ def fit(
                 n_images += batch[0].shape[0]
                 stats.final_loss = float(loss.detach())
                 elapsed = time.perf_counter() - t0
-                bar.update(bar_task, advance=1, loss=f"{stats.final_loss:.4f}", ips=f"{n_images / max(elapsed, 1e-9):.0f}")
+                bar.update(
+                    bar_task,
+                    advance=1,
+                    loss=f"{stats.final_loss:.4f}",
+                    ips=f"{n_images / max(elapsed, 1e-9):.0f}",
+                )
             epoch += 1
             if checkpoint is not None and step < total:
                 _save_checkpoint(checkpoint, model, optimizer, scheduler, scaler, step)
@@ -210,7 +219,11 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int)
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
         },
         tmp,
     )

@@ -75,8 +75,15 @@ class Classification(Task):
 
     def build(self, dataset: str, shots: int, seed: int, backbone, env: DataEnv) -> TaskData:
         source = get_dataset(self.name, dataset)().load(env)
-        split = sample_fewshot(dataset, shots, seed, source.train, source.val, strict=env.strict_shots,
-                               group_names=dict(enumerate(source.classnames)))
+        split = sample_fewshot(
+            dataset,
+            shots,
+            seed,
+            source.train,
+            source.val,
+            strict=env.strict_shots,
+            group_names=dict(enumerate(source.classnames)),
+        )
         split["classnames"] = source.classnames
         path = split_path(env.split_dir, self.name, dataset, shots, seed)
         split_sha = write_or_check(path, split)
@@ -86,7 +93,9 @@ class Classification(Task):
         return TaskData(
             classnames=source.classnames,
             template=source.template,
-            train=ImageList(source.root, train_items, backbone.train_transform, skip_corrupt=env.skip_corrupt),
+            train=ImageList(
+                source.root, train_items, backbone.train_transform, skip_corrupt=env.skip_corrupt
+            ),
             val=ImageList(source.root, val_items, backbone.eval_transform, skip_corrupt=env.skip_corrupt),
             test=ImageList(source.root, source.test, backbone.eval_transform, skip_corrupt=env.skip_corrupt),
             fingerprint={
@@ -169,5 +178,7 @@ class ImageFolder(ClassificationDataset):
                     item = (str(p.relative_to(root)), label)
                     (train if i % 5 < 3 else val if i % 5 == 3 else test).append(item)
         if not classnames or not test:
-            raise UsageError(f"dataset 'imagefolder': no class folders with images under {root} (expected {self.layout})")
+            raise UsageError(
+                f"dataset 'imagefolder': no class folders with images under {root} (expected {self.layout})"
+            )
         return ClassificationSource(root, classnames, self.template, train, val, test)

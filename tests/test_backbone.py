@@ -7,13 +7,12 @@ import json
 import open_clip
 import pytest
 import torch
+from conftest import TINY, TINY_CONFIG
 from torch import nn
 
 from peftbench import backbone as bb
 from peftbench.backbone import block_parts, load_backbone, replace_submodule
 from peftbench.errors import UsageError
-
-from conftest import TINY, TINY_CONFIG
 
 
 def test_open_clip_version_is_the_pinned_one():
@@ -63,7 +62,8 @@ def test_inserted_modules_follow_train_mode_clip_modules_do_not(backbone):
 
 def test_weightless_backbone_is_reproducible():
     a, b = load_backbone(TINY, None), load_backbone(TINY, None)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert all(torch.equal(x, y) for x, y in pairs)
 
 
 def test_local_checkpoint_file_and_config_path(tmp_path, tiny_backbone):

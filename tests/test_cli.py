@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import TINY
 from typer.testing import CliRunner
 
 from peftbench.cli import app
 from peftbench.results import ResultStore
-
-from conftest import TINY
 
 runner = CliRunner()
 
@@ -20,9 +19,25 @@ def invoke(*args):
 
 
 def run_args(tmp_path, data_root, *extra):
-    return ["run", "--method", "zeroshot", "--task", "classification", "--dataset", "imagefolder",
-            "--data-root", data_root, "--backbone", TINY, "--pretrained", "none",
-            "--results-dir", tmp_path / "res", "--no-progress", *extra]
+    return [
+        "run",
+        "--method",
+        "zeroshot",
+        "--task",
+        "classification",
+        "--dataset",
+        "imagefolder",
+        "--data-root",
+        data_root,
+        "--backbone",
+        TINY,
+        "--pretrained",
+        "none",
+        "--results-dir",
+        tmp_path / "res",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_run_zeroshot_end_to_end_writes_records_and_skips_on_rerun(tmp_path, folder_dataset):
@@ -31,8 +46,19 @@ def test_run_zeroshot_end_to_end_writes_records_and_skips_on_rerun(tmp_path, fol
     recs = ResultStore(tmp_path / "res").records()
     assert len(recs) == 2 and all(r["status"] == "ok" for r in recs)
     rec = recs[0]
-    for key in ("schema", "spec", "resolved", "config_hash", "metrics", "params", "timing", "data", "versions",
-                "peak_memory", "device"):
+    for key in (
+        "schema",
+        "spec",
+        "resolved",
+        "config_hash",
+        "metrics",
+        "params",
+        "timing",
+        "data",
+        "versions",
+        "peak_memory",
+        "device",
+    ):
         assert key in rec
     assert rec["metrics"]["acc"]["direction"] == "higher"
     assert rec["data"]["split_sha256"] and rec["data"]["files_sha256"]
@@ -85,8 +111,17 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, folder_datase
 
 def test_missing_data_root_says_how_to_pass_it(tmp_path, monkeypatch):
     monkeypatch.delenv("PEFTBENCH_DATA", raising=False)
-    res = invoke("run", "--dataset", "imagefolder", "--backbone", TINY, "--pretrained", "none",
-                 "--results-dir", tmp_path / "res")
+    res = invoke(
+        "run",
+        "--dataset",
+        "imagefolder",
+        "--backbone",
+        TINY,
+        "--pretrained",
+        "none",
+        "--results-dir",
+        tmp_path / "res",
+    )
     assert res.exit_code == 2 and "--data-root" in res.stderr and "PEFTBENCH_DATA" in res.stderr
 
 

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY
 from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 
@@ -16,8 +17,6 @@ from peftbench.config import RunContext
 from peftbench.method import l2norm
 from peftbench.registry import METHODS, load_plugins
 from peftbench.task import TaskData
-
-from conftest import TINY
 
 load_plugins()
 ALL_METHODS = sorted(METHODS)
@@ -29,8 +28,9 @@ SHOTS = 2
 
 def context(backbone, task="classification") -> RunContext:
     i = backbone.info
-    return RunContext(task, "synth", SHOTS, 1, i.n_image_blocks, i.n_text_blocks, i.vision_width,
-                      i.text_width, i.embed_dim)
+    return RunContext(
+        task, "synth", SHOTS, 1, i.n_image_blocks, i.n_text_blocks, i.vision_width, i.text_width, i.embed_dim
+    )
 
 
 def tiny_data(n_per_class: int = SHOTS) -> TaskData:
@@ -61,7 +61,11 @@ def perturb(model, scale: float = 0.5) -> None:
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in model.trainable_parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g) * (p.detach().std() if p.numel() > 1 and p.std() > 0 else 1))
+            p.add_(
+                scale
+                * torch.randn(p.shape, generator=g)
+                * (p.detach().std() if p.numel() > 1 and p.std() > 0 else 1)
+            )
 
 
 def zero_shot_logits(backbone, prompts, x):
@@ -125,8 +129,21 @@ def test_random_trainable_values_change_the_output(name, backbone, tiny_backbone
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_reported_count_matches_cli_params(name, backbone):
     runner = CliRunner()
-    res = runner.invoke(app, ["params", "--method", name, "--backbone", TINY, "--shots", str(SHOTS),
-                              "--classes", str(len(CLASSES)), "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "params",
+            "--method",
+            name,
+            "--backbone",
+            TINY,
+            "--shots",
+            str(SHOTS),
+            "--classes",
+            str(len(CLASSES)),
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     reported = json.loads(res.stdout)["trainable"]
     model = build(name, backbone)

@@ -7,18 +7,17 @@ import warnings
 from dataclasses import dataclass
 
 import pytest
+from conftest import TINY
 
 from peftbench.config import MethodConfig, build_config, parse_overrides
 from peftbench.errors import ConfigError, UsageError
 from peftbench.fewshot import sample_fewshot, split_path, write_or_check
 from peftbench.method import coupled_image_block, map_depth, map_range
-from peftbench.registry import get_dataset, get_method, get_task, load_plugin_file, METHODS
+from peftbench.registry import METHODS, get_dataset, get_method, get_task, load_plugin_file
 from peftbench.results import ResultStore
 from peftbench.runner import RunSpec, execute, resolve
 from peftbench.task import DataEnv
 from peftbench.trainer import lr_factor, plan_steps
-
-from conftest import TINY
 
 
 # ------------------------------------------------------------------ registry
@@ -155,8 +154,14 @@ def test_same_spec_twice_gives_identical_metrics(tmp_path, folder_dataset):
     Probe.poison = False
     try:
         env = DataEnv(data_root=folder_dataset, split_dir=tmp_path / "splits")
-        spec = RunSpec(method="_probe_det", dataset="imagefolder", backbone=TINY, pretrained=None, shots=4,
-                       method_overrides=(("epochs", 3), ("batch_size", 4), ("lr", 0.5)))
+        spec = RunSpec(
+            method="_probe_det",
+            dataset="imagefolder",
+            backbone=TINY,
+            pretrained=None,
+            shots=4,
+            method_overrides=(("epochs", 3), ("batch_size", 4), ("lr", 0.5)),
+        )
         a = execute(spec, ResultStore(tmp_path / "a"), env, progress=False).record
         b = execute(spec, ResultStore(tmp_path / "b"), env, progress=False).record
         assert a["status"] == b["status"] == "ok"

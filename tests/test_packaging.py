@@ -14,7 +14,18 @@ REPO = Path(__file__).resolve().parents[1]
 def test_regular_install_maps_the_plugin_folders(tmp_path):
     wheel_dir = tmp_path / "wheel"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", wheel_dir, REPO],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            wheel_dir,
+            REPO,
+        ],
         check=True,
         cwd=tmp_path,
     )
@@ -24,15 +35,21 @@ def test_regular_install_maps_the_plugin_folders(tmp_path):
     assert not any(n.startswith(("methods/", "tasks/")) for n in names)  # no generic top-level packages
 
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", target, wheel],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", target, wheel], check=True
+    )
     code = (
         "import peftbench, peftbench.methods.zeroshot, peftbench.tasks.classification;"
         "from peftbench.registry import load_plugins, METHODS; load_plugins();"
         "assert 'zeroshot' in METHODS; print(peftbench.__file__)"
     )
     # Run outside the checkout, with the installed copy first on the path.
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith(str(target))

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 
 from peftbench.method import Method
 from peftbench.registry import METHODS, register_method
 from peftbench.results import CellBusy, ResultStore
 from peftbench.runner import RunSpec, execute
 from peftbench.task import DataEnv
-
-from conftest import TINY
 
 WRITER = textwrap.dedent(
     """
@@ -85,13 +84,17 @@ def test_cell_lock_is_exclusive_across_processes(tmp_path):
     store = ResultStore(tmp_path)
     h = "cd" * 32
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import time
             from peftbench.results import ResultStore
             with ResultStore({str(tmp_path)!r}).lock({h!r}):
                 print("locked", flush=True)
                 time.sleep(30)
-        """)],
+        """),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -118,7 +121,6 @@ def test_rerun_skips_ok_cells_and_failed_ones_until_asked(tmp_path, folder_datas
     assert again.status == "skipped-ok" and len(store.cell_records(first.config_hash)) == 1
     forced = execute(spec, store, env, progress=False, force=True)
     assert forced.status == "ok" and len(store.cell_records(first.config_hash)) == 2
-
 
 
 class Probe(Method):
@@ -148,8 +150,14 @@ def probe_method():
 def test_failed_cells_are_recorded_skipped_and_retried(tmp_path, folder_dataset, probe_method):
     env = DataEnv(data_root=folder_dataset, split_dir=tmp_path / "splits")
     store = ResultStore(tmp_path / "res")
-    spec = RunSpec(method=probe_method, dataset="imagefolder", backbone=TINY, pretrained=None, shots=2,
-                   method_overrides=(("epochs", 1), ("batch_size", 4)))
+    spec = RunSpec(
+        method=probe_method,
+        dataset="imagefolder",
+        backbone=TINY,
+        pretrained=None,
+        shots=2,
+        method_overrides=(("epochs", 1), ("batch_size", 4)),
+    )
     failed = execute(spec, store, env, progress=False)
     assert failed.status == "failed"
     assert "NonFiniteLoss" in failed.record["error"] and "Traceback" in failed.record["traceback"]
