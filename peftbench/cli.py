@@ -388,6 +388,7 @@ from peftbench import (  # noqa: E402
     splits,  # noqa: E402,F401
     sweep,  # noqa: E402,F401
 )
+from peftbench.report import command as _report_command  # noqa: E402,F401
 
 
 def main() -> None:

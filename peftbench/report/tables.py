@@ -34,7 +34,7 @@ def metric_name(metric: str) -> str:
     """`map@200` -> `mAP@200`, `map@200_mixed` -> `mAP@200 (mixed)`, `map_mixed` -> `mAP (mixed)`."""
     head, at, tail = metric.partition("@")
     k, _, suffix = tail.partition("_") if at else ("", "", "")
-    if not at and head not in METRIC_NAMES and "_" in head:  # a family such as map_mixed
+    if not at and head not in METRIC_NAMES and head.partition("_")[0] in METRIC_NAMES:  # family: map_mixed
         head, _, suffix = head.partition("_")
     name = METRIC_NAMES.get(head, head) + (f"@{k}" if k else "")
     return name + (f" ({suffix})" if suffix else "")
