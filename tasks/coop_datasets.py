@@ -63,6 +63,7 @@ TEMPLATES: dict[str, str] = {
 }
 
 Items = list[tuple[str, int]]
+_EXTENSIONS = tuple(IMAGE_EXTENSIONS)  # str.endswith takes a tuple: the fast test for ImageNet's 1.3M files
 
 
 class CoOpDataset(ClassificationDataset):
@@ -389,11 +390,10 @@ def read_classnames(path: Path) -> dict[str, str]:
 
 def list_image_names(folder: Path) -> list[str]:
     """Sorted image file names in one folder (hidden files and other extensions skipped)."""
-    return sorted(
-        e.name
-        for e in os.scandir(folder)
-        if not e.name.startswith(".")
-        and e.is_file()
-        and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
-    )
+    with os.scandir(folder) as entries:  # one directory read; DirEntry.is_file needs no extra stat call
+        return sorted(
+            e.name
+            for e in entries
+            if e.name.lower().endswith(_EXTENSIONS) and not e.name.startswith(".") and e.is_file()
+        )
 
