@@ -18,9 +18,10 @@ Edge cases the reference codes disagree on, decided once here (recorded in every
 - **Zero vectors**: L2 normalisation uses eps = 1e-12, so a zero vector has cosine 0 with every
   item (it ties, it never becomes NaN and never ranks first by accident). A NaN similarity is an
   error, not a silent rank.
-- **What is ranked**: the similarity itself (cosine of L2-normalised features, or the negative
-  squared Euclidean distance of the raw features, which orders exactly as the negative distance), never
-  exp(-distance), which underflows to ties. AP is accumulated in float64.
+- **What is ranked**: the similarity itself, never exp(-distance) (which underflows to ties):
+  cosine of L2-normalised features in float32 (the features' own precision), or the negative
+  squared Euclidean distance of the raw features in float64 (orders exactly as the negative
+  distance; float64 because the norm expansion cancels in float32). AP is accumulated in float64.
 
 Memory is bounded: queries are processed in chunks and, for K < N, the gallery in chunks too
 (a running top-K is merged across gallery chunks); the largest buffer holds about
@@ -40,7 +41,7 @@ RULES = {
     "ties": "stable: tied similarities ranked by gallery index, lowest first",
     "k_cap": "K capped at the gallery size N for mAP@K and Prec@K (Prec@K = hits / min(K, N))",
     "l2_eps": EPS,
-    "ranked_on": "the similarity itself (cosine, or negative squared Euclidean distance)",
+    "ranked_on": "the similarity itself: float32 cosine, or float64 negative squared Euclidean distance",
     "ap_accumulation": "float64",
 }
 
@@ -110,9 +111,14 @@ def ranked_indices(
 
     Features must already be normalised for cosine. The gallery is visited in chunks with a
     running top-k, so memory is O(B * (k + gallery_chunk)); k = N sorts whole rows.
+    cosine (float32 features): exact via unique int64 keys and `topk`. euclidean: float64
+    distances (the norm expansion cancels badly in float32), ranked by a stable sort; the running
+    top-k holds earlier (lower-index) items first, so ties stay in gallery-index order.
     """
     n = gallery.shape[0]
     k = min(k, n)
+    if kind != "cosine":
+        return _ranked_by_stable_sort(queries, gallery, k, kind, gallery_chunk)
     if k >= n or gallery_chunk >= n:
         keys = _rank_keys(similarity(queries, gallery, kind), 0, n)
         if k < n:
@@ -129,6 +135,24 @@ def ranked_indices(
         best = torch.topk(keys, min(k, keys.shape[1]), dim=1, sorted=False).values
     best = best.sort(dim=1, descending=True).values
     return _index_of(best, n)
+
+
+def _ranked_by_stable_sort(
+    queries: torch.Tensor, gallery: torch.Tensor, k: int, kind: str, gallery_chunk: int
+) -> torch.Tensor:
+    n = gallery.shape[0]
+    best_s: torch.Tensor | None = None  # (B, k) similarities, best first
+    best_i: torch.Tensor | None = None  # (B, k) their gallery indices
+    for start in range(0, n, gallery_chunk):
+        s = similarity(queries, gallery[start : start + gallery_chunk], kind)  # (B, Gc)
+        if torch.isnan(s).any():
+            raise ValueError("NaN similarity: features contain NaN or inf")
+        idx = torch.arange(start, start + s.shape[1], device=s.device).expand(s.shape[0], -1)
+        if best_s is not None:
+            s, idx = torch.cat([best_s, s], dim=1), torch.cat([best_i, idx], dim=1)
+        vals, order = torch.sort(s, dim=1, descending=True, stable=True)
+        best_s, best_i = vals[:, :k], idx.gather(1, order[:, :k])
+    return best_i
 
 
 def retrieval_metrics(
@@ -155,10 +179,10 @@ def retrieval_metrics(
     want_map = n if map_k is None else map_k
     mk, pk = min(want_map, n), min(prec_k, n)
     kmax = max(mk, pk)
-    q = query_features.float()
-    g = gallery_features.float()
     if kind == "cosine":
-        q, g = l2_normalize(q), l2_normalize(g)
+        q, g = l2_normalize(query_features.float()), l2_normalize(gallery_features.float())
+    else:
+        q, g = query_features.double(), gallery_features.double()
     glab = gallery_labels.to(q.device).long()
     qlab = query_labels.to(q.device).long()
     width = n if kmax >= n else min(n, kmax + gallery_chunk)
