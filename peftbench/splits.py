@@ -130,7 +130,7 @@ def write_cell(task, dataset: str, shots: int, seed: int, env) -> list[dict[str,
         return [_row(shots, seed, "error", None, str(e))]
     file = data.fingerprint.get("split_file")
     status = "present" if file and Path(file) in before else "written"
-    n_train, n_val = len(data.train), len(data.val or [])
+    n_train, n_val = _counts(Path(file)) if file else (len(data.train), None)
     return [_row(shots, seed, status, file, n_train=n_train, n_val=n_val, warnings=warns)]
 
 
@@ -185,6 +185,12 @@ def _diff(existing: list, fresh: list) -> str:
     if a == b and len(existing) == len(fresh):
         return "" if existing == fresh else "same entries in a different order"
     return f"{len(a - b)} entr(y/ies) only in the file, {len(b - a)} only in the draw"
+
+
+def _counts(path: Path) -> tuple[int, int]:
+    """Entries in a split file's train and val lists (what `check` reports too)."""
+    split = json.loads(path.read_text())
+    return len(split.get("train") or []), len(split.get("val") or [])
 
 
 def _json_files(folder: Path) -> list[Path]:

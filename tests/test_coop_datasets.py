@@ -453,3 +453,19 @@ def test_splits_bad_input_is_one_line_exit_2(tmp_path):
     assert result.exit_code == 2 and "did you mean 'dtd'" in result.output
     result = invoke("write", "--dataset", "dtd", "--shots", "0")
     assert result.exit_code == 2 and "--shots" in result.output
+
+
+def test_splits_reads_peftbench_data_and_reports_short_classes(tmp_path, monkeypatch):
+    """PEFTBENCH_DATA stands in for --data-root; a class short of K images is a warning in the output
+    and `short_groups` in the file, and an error with --strict-shots."""
+    write_zhou(tmp_path / "data", "eurosat")
+    monkeypatch.setenv("PEFTBENCH_DATA", str(tmp_path / "data"))
+    args = ["--dataset", "eurosat", "--shots", str(N_TRAIN + 1), "--seeds", "3",
+            "--split-dir", str(tmp_path / "s")]
+    result = invoke("write", *args)
+    assert result.exit_code == 0, result.output
+    assert "3 group(s) have fewer than 5 images" in result.output
+    split = json.loads((tmp_path / "s" / "classification" / "eurosat" / "shots5_seed3.json").read_text())
+    assert split["short_groups"] == dict.fromkeys(CLASSES, N_TRAIN)
+    strict = invoke("write", *args, "--strict-shots")
+    assert strict.exit_code == 1 and "--strict-shots" in strict.output
