@@ -152,23 +152,36 @@ def _seed_notes(rows: pd.DataFrame) -> list[str]:
     return [f"Fewer than {top} seeds: {items}."]
 
 
-def _test_note(c: Comparison) -> str:
+def _test_note(c: Comparison, decimals: int = 2) -> str:
     n = len(c.means.index)
     mixed = len(set(c.metrics_used.values())) > 1
     if mixed:
         return (
-            _test_note_core(c, n)
+            _test_note_core(c, n, decimals)
             + f" Each dataset counts with its own {metric_name(c.metric)} metric (header); "
             "the average mixes them and is only a summary across datasets."
         )
-    return _test_note_core(c, n)
+    return _test_note_core(c, n, decimals)
 
 
-def _test_note_core(c: Comparison, n: int) -> str:
+def _interval_note(c: Comparison, decimals: int) -> str:
+    """The paired difference to the control, with its 95% t-interval over datasets, per method."""
+    parts = []
+    for m, r in sorted(c.versus["methods"].items()):
+        if r["mean_difference"] is None:
+            continue
+        ci = (f" [{r['ci_low']:.{decimals}f}, {r['ci_high']:.{decimals}f}]" if r["ci_low"] is not None
+              else " (one dataset: no interval)")  # fmt: skip
+        parts.append(f"{m} {r['mean_difference']:+.{decimals}f}{ci}")
+    return "; ".join(parts)
+
+
+def _test_note_core(c: Comparison, n: int, decimals: int = 2) -> str:
     if n < stats.MIN_PAIRS:
         return (
             f"No † is possible here: {n} datasets, and a Wilcoxon signed-rank test needs at least "
-            f"{stats.MIN_PAIRS} to reach p < 0.05; see the JSON for t-intervals of the paired differences."
+            f"{stats.MIN_PAIRS} to reach p < 0.05. Instead, the mean paired difference to "
+            f"{c.versus['control']} over datasets with its 95% t-interval: {_interval_note(c, decimals)}."
         )
     return (
         f"† significantly worse than {c.versus['control']} ({c.versus['control_chosen']}): "
@@ -206,7 +219,7 @@ def datasets_table(agg: pd.DataFrame, c: Comparison) -> Table:
         rows=methods,
         cells=cells,
         decimals=_decimals(rows["mean"]),
-        notes=["Best in bold, second underlined.", _test_note(c)]
+        notes=["Best in bold, second underlined.", _test_note(c, _decimals(rows["mean"]))]
         + _seed_notes(rows)
         + (["– in Avg.: the method misses a dataset."] if avg.isna().any() else []),
     )
