@@ -30,6 +30,7 @@ import typer
 
 from peftbench.cli import PluginOpt, SetOpt, _env, _plugins, command, err, parse_int_list, split_sets
 from peftbench.errors import UsageError
+from peftbench.task import DataEnv, Task, TaskData
 
 ACTIONS = ("write", "check")
 DataRootOpt = Annotated[Path | None, typer.Option(help="Folder holding the datasets (or PEFTBENCH_DATA).")]
@@ -113,7 +114,7 @@ def _row(
     return row
 
 
-def _build(task, dataset: str, shots: int, seed: int, env) -> tuple[Any, list[str]]:
+def _build(task: Task, dataset: str, shots: int, seed: int, env: DataEnv) -> tuple[TaskData, list[str]]:
     """The task's own build (what a run does before training), with its warnings collected."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -121,7 +122,7 @@ def _build(task, dataset: str, shots: int, seed: int, env) -> tuple[Any, list[st
     return data, list(dict.fromkeys(str(w.message) for w in caught))
 
 
-def write_cell(task, dataset: str, shots: int, seed: int, env) -> list[dict[str, Any]]:
+def write_cell(task: Task, dataset: str, shots: int, seed: int, env: DataEnv) -> list[dict[str, Any]]:
     """Write the cell's split file(s) through `task.build`, or check an existing one agrees."""
     before = set(_json_files(env.split_dir / task.name / dataset))
     try:
@@ -134,7 +135,7 @@ def write_cell(task, dataset: str, shots: int, seed: int, env) -> list[dict[str,
     return [_row(shots, seed, status, file, n_train=n_train, n_val=n_val, warnings=warns)]
 
 
-def check_cell(task, dataset: str, shots: int, seed: int, env) -> list[dict[str, Any]]:
+def check_cell(task: Task, dataset: str, shots: int, seed: int, env: DataEnv) -> list[dict[str, Any]]:
     """Draw the cell into a scratch directory and compare with the existing file(s)."""
     with tempfile.TemporaryDirectory(prefix="peftbench-splits-") as tmp:
         scratch = Path(tmp)
