@@ -152,6 +152,10 @@ def _seed_notes(rows: pd.DataFrame) -> list[str]:
     return [f"Fewer than {top} seeds: {items}."]
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def _test_note(c: Comparison, decimals: int = 2) -> str:
     n = len(c.means.index)
     mixed = len(set(c.metrics_used.values())) > 1
@@ -177,9 +181,11 @@ def _interval_note(c: Comparison, decimals: int) -> str:
 
 
 def _test_note_core(c: Comparison, n: int, decimals: int = 2) -> str:
+    if len(c.means.columns) < 2:
+        return "One method only: nothing to compare."
     if n < stats.MIN_PAIRS:
         return (
-            f"No † is possible here: {n} datasets, and a Wilcoxon signed-rank test needs at least "
+            f"No † is possible here: {_plural(n, 'dataset')}, and a Wilcoxon signed-rank test needs at least "
             f"{stats.MIN_PAIRS} to reach p < 0.05. Instead, the mean paired difference to "
             f"{c.versus['control']} over datasets with its 95% t-interval: {_interval_note(c, decimals)}."
         )
@@ -236,7 +242,9 @@ def shots_table(comparisons: list[Comparison]) -> Table:
         for m in methods:
             res = c.versus["methods"].get(m, {})
             cells[(m, j)] = Cell(float(avg.get(m, np.nan)), None, 0, dagger=bool(res.get("worse")))
-        notes.append(f"{c.shots}-shot: {len(c.means.index)} datasets, control {c.versus['control']}.")
+        notes.append(
+            f"{c.shots}-shot: {_plural(len(c.means.index), 'dataset')}, control {c.versus['control']}."
+        )
     values = pd.Series([x.mean for x in cells.values()], dtype=float)
     return Table(
         name=slug(f"{c0.task}_{c0.metric}_{c0.backbone}") + "_shots",

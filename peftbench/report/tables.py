@@ -18,7 +18,7 @@ LATEX_SPECIAL = {
     "±": r"$\pm$", "†": r"$^\dagger$", "–": "--", "α": r"$\alpha$",
 }  # fmt: skip
 WIDE = 5  # LaTeX tables with more value columns than this are scaled to \linewidth (needs graphicx)
-METRIC_NAMES = {"acc": "Acc. (%)", "map": "mAP", "prec": "Prec"}
+METRIC_NAMES = {"acc": "Acc.", "map": "mAP", "prec": "Prec"}
 
 
 def escape_latex(text: str) -> str:
