@@ -320,3 +320,11 @@ def test_unknown_metric_or_control_lists_choices(frame):
         from peftbench.report.writer import parse_formats
 
         parse_formats("latex,docx")
+
+
+def test_all_tied_methods_give_json_safe_stats():
+    means = pd.DataFrame({m: np.full(6, 50.0) for m in ("a", "b", "c")}, index=[f"d{i}" for i in range(6)])
+    fr = rstats.friedman_nemenyi(means, "higher")
+    vs = rstats.versus_control(means, "a", "higher")
+    json.dumps({"fr": fr, "vs": vs}, allow_nan=False)  # raises on NaN
+    assert vs["methods"]["b"]["p"] == 1.0 and not vs["methods"]["b"]["worse"]

@@ -70,7 +70,11 @@ def shots_curves(agg: pd.DataFrame, comparisons: list[Comparison], out: Path, ex
 def cd_diagram(c: Comparison, out: Path, exts: list[str]) -> list[Path]:
     """Critical-difference diagram (scikit_posthocs) from average ranks and Nemenyi p-values."""
     fr = c.friedman
-    if "skipped" in fr:
+    if (
+        "skipped" in fr
+        or fr["friedman"]["p"] is None
+        or any(p is None for row in fr["nemenyi_p"].values() for p in row.values())
+    ):
         return []
     ranks = pd.Series(fr["average_ranks"])
     sig = pd.DataFrame(fr["nemenyi_p"]).loc[ranks.index, ranks.index]

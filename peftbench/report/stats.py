@@ -152,9 +152,9 @@ def friedman_nemenyi(means: pd.DataFrame, direction: str, alpha: float = ALPHA) 
     nem.index = nem.columns = [str(c) for c in full.columns]
     ranks = average_ranks(full, direction)
     out.update(
-        friedman={"statistic": float(fr.statistic), "p": float(fr.pvalue)},
+        friedman={"statistic": _num(float(fr.statistic)), "p": _num(float(fr.pvalue))},  # None: all tied
         average_ranks={str(m): float(r) for m, r in ranks.items()},
-        nemenyi_p={a: {b: float(nem.loc[a, b]) for b in nem.columns} for a in nem.index},
+        nemenyi_p={a: {b: _num(float(nem.loc[a, b])) for b in nem.columns} for a in nem.index},
         critical_difference=critical_difference(k, n, alpha),
     )
     return out
