@@ -159,6 +159,9 @@ def check_cell(task: Task, dataset: str, shots: int, seed: int, env: DataEnv) ->
             except (OSError, json.JSONDecodeError) as e:
                 row.update(status="unreadable", problem=f"cannot read the split file: {e}")
                 continue
+            if not isinstance(existing, dict):
+                row.update(status="unreadable", problem="the split file is not a JSON object")
+                continue
             row.update(n_train=len(existing.get("train") or []), n_val=len(existing.get("val") or []))
             problems = []
             for part in ("train", "val"):
