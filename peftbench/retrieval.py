@@ -8,11 +8,10 @@ Relevance = same class label. For one query with its gallery ranked best first:
 
 Edge cases the reference codes disagree on, decided once here (recorded in every run via
 :data:`RULES`):
-- **Ties**: tied similarities are ordered by gallery index (lower index ranks first), a stable and
-  deterministic rule. It is exact, not approximate: each similarity is mapped to an order-preserving
-  32-bit integer and combined with the reversed gallery index into one unique 64-bit key, so
-  `topk` on the keys is the stable ranking (no tie is left for `topk` to break arbitrarily).
-  -0.0 and +0.0 are the same similarity.
+- **Ties**: tied similarities (exactly equal computed values) are ordered by gallery index (lower
+  index ranks first), a stable and deterministic rule. It is exact: `topk` is used where no tie
+  can be affected, and every row where `topk` could have broken a tie is re-ranked by a stable sort
+  (see `_chunk_top`). -0.0 and +0.0 are the same similarity.
 - **K larger than the gallery** (N items): K is capped at N for both mAP@K and Prec@K
   (Prec@K = hits / min(K, N)); the cap used is returned.
 - **Zero vectors**: L2 normalisation uses eps = 1e-12, so a zero vector has cosine 0 with every
@@ -24,8 +23,8 @@ Edge cases the reference codes disagree on, decided once here (recorded in every
   distance; float64 because the norm expansion cancels in float32). AP is accumulated in float64.
 
 Memory is bounded: queries are processed in chunks and, for K < N, the gallery in chunks too
-(a running top-K is merged across gallery chunks); the largest buffer holds about
-`budget` 64-bit keys.
+(a running top-K is merged across gallery chunks); the largest buffer holds about `budget`
+similarities (plus their int64 indices).
 """
 
 from __future__ import annotations
@@ -80,24 +79,29 @@ def similarity(queries: torch.Tensor, gallery: torch.Tensor, kind: str = "cosine
     raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {kind!r}")
 
 
-def _rank_keys(sims: torch.Tensor, offset: int, n_total: int) -> torch.Tensor:
-    """(B, G) float similarities of gallery items offset..offset+G -> unique int64 ranking keys.
+def _chunk_top(sims: torch.Tensor, k: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, G) similarities of gallery items offset..offset+G -> the top k (values, global indices),
+    best first, tied values in gallery-index order.
 
-    key = ordered_int32(sim) * 2^32 + (n_total - 1 - global_index): larger key = ranked earlier;
-    equal similarities are ordered by gallery index (lower first).
+    `topk` alone orders ties arbitrarily, so rows where it could have broken a tie (two equal values
+    inside the top k, or more items equal to the k-th value than were taken) are re-ranked by a
+    stable sort; on tie-free rows `topk` is already the stable ranking. k >= G: a stable sort.
     """
     if torch.isnan(sims).any():
         raise ValueError("NaN similarity: features contain NaN or inf")
-    s = (sims.float() + 0.0).contiguous()  # + 0.0 maps -0.0 to +0.0
-    bits = s.view(torch.int32)
-    # IEEE-754 floats order as sign-magnitude integers: flip the magnitude bits of negatives.
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # (B, G)
-    index = torch.arange(offset, offset + s.shape[1], dtype=torch.int64, device=s.device)
-    return ordered * (1 << 32) + (n_total - 1 - index)[None]
-
-
-def _index_of(keys: torch.Tensor, n_total: int) -> torch.Tensor:
-    return n_total - 1 - (keys & 0xFFFFFFFF)
+    k = min(k, sims.shape[1])
+    if k == sims.shape[1]:
+        vals, order = torch.sort(sims, dim=1, descending=True, stable=True)
+        return vals, order + offset
+    vals, order = torch.topk(sims, k, dim=1, sorted=True)  # (B, k)
+    kth = vals[:, -1:]
+    dup = (vals[:, 1:] == vals[:, :-1]).any(dim=1)  # (B,) a tie inside the top k (also -0.0 == 0.0)
+    boundary = (sims == kth).sum(dim=1) > (vals == kth).sum(dim=1)  # (B,) a tie cut by the top k
+    rows = dup.logical_or_(boundary).nonzero().squeeze(1)
+    if rows.numel():
+        v, o = torch.sort(sims[rows], dim=1, descending=True, stable=True)
+        vals[rows], order[rows] = v[:, :k], o[:, :k]
+    return vals, order + offset
 
 
 def ranked_indices(
@@ -110,48 +114,22 @@ def ranked_indices(
     """(B, D), (N, D) -> (B, k) gallery indices of the top k under the stable tie rule.
 
     Features must already be normalised for cosine. The gallery is visited in chunks with a
-    running top-k, so memory is O(B * (k + gallery_chunk)); k = N sorts whole rows.
-    cosine (float32 features): exact via unique int64 keys and `topk`. euclidean: float64
-    distances (the norm expansion cancels badly in float32), ranked by a stable sort; the running
-    top-k holds earlier (lower-index) items first, so ties stay in gallery-index order.
+    running top-k (merged by a stable sort), so memory is O(B * (k + gallery_chunk)).
     """
     n = gallery.shape[0]
     k = min(k, n)
-    if kind != "cosine":
-        return _ranked_by_stable_sort(queries, gallery, k, kind, gallery_chunk)
-    if k >= n or gallery_chunk >= n:
-        keys = _rank_keys(similarity(queries, gallery, kind), 0, n)
-        if k < n:
-            top = torch.topk(keys, k, dim=1, sorted=True).values
-        else:
-            top = keys.sort(dim=1, descending=True).values
-        return _index_of(top, n)
-    best: torch.Tensor | None = None  # (B, k) running top keys
-    for start in range(0, n, gallery_chunk):
-        g = gallery[start : start + gallery_chunk]
-        keys = _rank_keys(similarity(queries, g, kind), start, n)  # (B, Gc)
-        if best is not None:
-            keys = torch.cat([best, keys], dim=1)
-        best = torch.topk(keys, min(k, keys.shape[1]), dim=1, sorted=False).values
-    best = best.sort(dim=1, descending=True).values
-    return _index_of(best, n)
-
-
-def _ranked_by_stable_sort(
-    queries: torch.Tensor, gallery: torch.Tensor, k: int, kind: str, gallery_chunk: int
-) -> torch.Tensor:
-    n = gallery.shape[0]
-    best_s: torch.Tensor | None = None  # (B, k) similarities, best first
+    if k == n:  # the whole row is ranked anyway: one stable sort, no merge
+        gallery_chunk = n
+    best_v: torch.Tensor | None = None  # (B, k) running top similarities, best first
     best_i: torch.Tensor | None = None  # (B, k) their gallery indices
     for start in range(0, n, gallery_chunk):
-        s = similarity(queries, gallery[start : start + gallery_chunk], kind)  # (B, Gc)
-        if torch.isnan(s).any():
-            raise ValueError("NaN similarity: features contain NaN or inf")
-        idx = torch.arange(start, start + s.shape[1], device=s.device).expand(s.shape[0], -1)
-        if best_s is not None:
-            s, idx = torch.cat([best_s, s], dim=1), torch.cat([best_i, idx], dim=1)
-        vals, order = torch.sort(s, dim=1, descending=True, stable=True)
-        best_s, best_i = vals[:, :k], idx.gather(1, order[:, :k])
+        v, i = _chunk_top(similarity(queries, gallery[start : start + gallery_chunk], kind), k, start)
+        if best_v is not None:
+            # earlier chunks hold lower indices and come first: a stable sort keeps ties in index order
+            v, i = torch.cat([best_v, v], dim=1), torch.cat([best_i, i], dim=1)
+            v, order = torch.sort(v, dim=1, descending=True, stable=True)
+            v, i = v[:, :k], i.gather(1, order[:, :k])
+        best_v, best_i = v, i
     return best_i
 
 
@@ -169,7 +147,8 @@ def retrieval_metrics(
     """mAP@map_k (None = mAP@all) and Prec@prec_k of queries against a gallery.
 
     query_features (Q, D), gallery_features (N, D), labels (Q,) and (N,) of any integer dtype.
-    `budget` bounds the number of 64-bit keys held at once (default 8M = 64 MB per buffer).
+    `budget` bounds the similarities held at once per query chunk (default 8M: 32 MB of float32
+    plus 64 MB of indices for a sort).
     """
     if kind not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {kind!r}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from peftbench.retrieval import RULES, _rank_keys, ranked_indices, retrieval_metrics
+from peftbench.retrieval import RULES, _chunk_top, ranked_indices, retrieval_metrics
 
 
 def sklearn_map_all(q, ql, g, gl, kind="cosine") -> float:
@@ -86,7 +86,7 @@ def test_tie_rule_holds_across_gallery_chunks():
     a = retrieval_metrics(q, ql, g, gl, map_k=50, prec_k=20, kind="euclidean")
     b = retrieval_metrics(q, ql, g, gl, map_k=50, prec_k=20, kind="euclidean", budget=64, gallery_chunk=9)
     assert a.map == pytest.approx(b.map, abs=1e-12) and a.prec == pytest.approx(b.prec, abs=1e-12)
-    # the cosine path (unique int64 keys) keeps the same rule across chunks
+    # the cosine path (float32) keeps the same rule across chunks
     qn, gn = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(g, dim=-1)
     full = ranked_indices(qn, gn, 50, "cosine", gallery_chunk=10_000)
     assert torch.equal(full, ranked_indices(qn, gn, 50, "cosine", gallery_chunk=7))
@@ -126,10 +126,11 @@ def test_zero_vectors_never_nan_and_never_first():
 
 
 def test_negative_zero_equals_zero_and_nan_is_an_error():
-    keys = _rank_keys(torch.tensor([[0.0, -0.0, -0.0, 0.0]]), 0, 4)
-    assert torch.topk(keys, 4).indices.tolist() == [[0, 1, 2, 3]]
-    keys = _rank_keys(torch.tensor([[-2.0, -1.0, 0.5, -0.0, 3.0]]), 0, 5)
-    assert torch.topk(keys, 5).indices.tolist() == [[4, 2, 3, 1, 0]]
+    zeros = torch.tensor([[0.0, -0.0, -0.0, 0.0, -1.0]])
+    for k in (2, 3, 5):
+        assert _chunk_top(zeros, k)[1].tolist() == [[0, 1, 2, 3, 4][:k]]
+    top = _chunk_top(torch.tensor([[-2.0, -1.0, 0.5, -0.0, 3.0]]), 5, offset=10)[1]
+    assert top.tolist() == [[14, 12, 13, 11, 10]]
     with pytest.raises(ValueError, match="NaN"):
         retrieval_metrics(
             torch.tensor([[float("nan"), 0.0]]), torch.tensor([0]), torch.ones(2, 2), torch.tensor([0, 1])
