@@ -453,22 +453,36 @@ def plan(exp: Experiment, store: ResultStore) -> list[Cell]:
     """Resolve every spec (config hash) and look each cell up in the store."""
     import torch
 
-    from peftbench.runner import resolve
+    from peftbench.runner import get_backbone, resolve
 
     latest = store.latest_by_cell() if (store.root / "runs").is_dir() else {}
     ok_hashes = set()
-    times: dict[tuple[str, str], list[float]] = defaultdict(list)
+    times: dict[tuple[str, str, str], list[float]] = defaultdict(list)  # (method, dataset, backbone)
     for rec in store.iter_records():
         if rec.get("status") != "ok":
             continue
         ok_hashes.add(rec["config_hash"])
         timing = rec.get("timing") or {}
         if timing.get("train_s") is not None:
-            key = (rec["spec"]["method"], rec["resolved"]["task"]["dataset"])
+            key = (rec["spec"]["method"], rec["resolved"]["task"]["dataset"], rec["spec"]["backbone"])
             times[key].append(float(timing["train_s"]) + float(timing.get("eval_s") or 0.0))
     cells: list[Cell] = []
     seen: set[str] = set()
+    # Load each backbone once: one that cannot be loaded here (weights not downloadable offline)
+    # leaves its cells unresolved with the reason, instead of failing 1,000 times.
+    broken: dict[tuple[str, str | None], str] = {}
+    for key in dict.fromkeys((s.backbone, s.pretrained) for s in exp.specs):
+        try:
+            get_backbone(key[0], key[1], torch.device("cpu"))
+        except Exception as e:  # noqa: BLE001 - any loading failure is reported per cell
+            broken[key] = (
+                f"backbone {key[0]} ({key[1]}) cannot be loaded here: {str(e).splitlines()[0][:200]}"
+            )
     for spec in exp.specs:
+        if (spec.backbone, spec.pretrained) in broken:
+            reason = broken[(spec.backbone, spec.pretrained)]
+            cells.append(Cell(spec, None, spec.dataset or "?", "unresolved", reason))
+            continue
         try:
             run = resolve(spec, torch.device("cpu"))
         except UsageError as e:
@@ -478,7 +492,7 @@ def plan(exp: Experiment, store: ResultStore) -> list[Cell]:
         if h in seen:  # two spellings of the same resolved cell
             continue
         seen.add(h)
-        est = times.get((spec.method, run.dataset))
+        est = times.get((spec.method, run.dataset, spec.backbone))
         cell = Cell(spec, h, run.dataset, "pending", estimate_s=sum(est) / len(est) if est else None)
         if h in ok_hashes:
             cell.state = "done"
@@ -672,28 +686,31 @@ def _store_and_settings(
 
 
 def _print_plan(cells: list[Cell], title: str) -> None:
-    """A table of cell states per method x dataset x backbone, then the failures' one-line reasons."""
+    """A table of cell states per method x task x dataset x backbone, then each distinct failure."""
     table = Table(title=title)
-    for col in ("method", "dataset", "backbone", "done", "running", "failed", "pending"):
+    unresolved = any(c.state == "unresolved" for c in cells)
+    states = ("done", "running", "failed", "pending") + (("unresolved",) if unresolved else ())
+    for col in ("method", "task", "dataset", "backbone", *states):
         table.add_column(col)
-    groups: dict[tuple[str, str, str], list[Cell]] = defaultdict(list)
+    groups: dict[tuple[str, str, str, str], list[Cell]] = defaultdict(list)
     for c in cells:
-        groups[(c.spec.method, c.dataset, c.spec.backbone)].append(c)
-    failures = []
-    for (m, d, b), group in sorted(groups.items()):
+        groups[(c.spec.method, c.spec.task, c.dataset, c.spec.backbone)].append(c)
+    reasons: dict[str, list[str]] = defaultdict(list)  # one-line reason -> the groups it hit
+    for key, group in sorted(groups.items()):
         n = Counter(c.state for c in group)
-        table.add_row(
-            m, d, b, str(n["done"]), str(n["running"]), str(n["failed"] + n["unresolved"]), str(n["pending"])
-        )
-        reasons = Counter(c.reason for c in group if c.state in ("failed", "unresolved"))
-        failures += [
-            f"{m} / {d} / {b}: {r}" + (f" (x{k})" if k > 1 else "") for r, k in reasons.most_common(5)
-        ]
+        table.add_row(*key, *(str(n[s]) for s in states))
+        for c in group:
+            if c.state in ("failed", "unresolved"):
+                reasons[c.reason].append(" / ".join(key))
     out.print(table)
-    if failures:
+    if reasons:
         out.print("failures:")
-        for line in failures:
-            out.print(escape(f"  {line}"), highlight=False, soft_wrap=True)
+        for reason, where in reasons.items():
+            out.print(
+                escape(f"  {reason}  [{len(where)} cell(s), e.g. {where[0]}]"),
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 def _counts(cells: list[Cell]) -> dict[str, int]:
@@ -803,12 +820,13 @@ def sweep_cmd(
         for c in chosen:
             out.print(
                 escape(
-                    f"  run {c.config_hash[:12]}  {c.spec.method} / {c.dataset} / {c.spec.backbone} "
-                    f"shots={c.spec.shots} seed={c.spec.seed}"
+                    f"  run {c.config_hash[:12]}  {c.spec.method} / {c.spec.task} / {c.dataset} / "
+                    f"{c.spec.backbone} shots={c.spec.shots} seed={c.spec.seed}"
                     + (f" {dict(c.spec.method_overrides)}" if c.spec.method_overrides else "")
                     + (f" task {dict(c.spec.task_overrides)}" if c.spec.task_overrides else "")
                 ),
                 highlight=False,
+                soft_wrap=True,
             )
         return
     unresolved = [c for c in cells if c.state == "unresolved"]
@@ -855,7 +873,7 @@ def sweep_cmd(
     err.print(
         escape(
             f"submitted {len(jobs)} {executor} job(s) ({ids}); logs in {log_root}; "
-            f"watch with `peftbench status {file}`"
+            f"watch with `peftbench status {file}{f' --results-dir {rdir}' if results_dir else ''}`"
         ),
         highlight=False,
     )
