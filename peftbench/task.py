@@ -102,8 +102,15 @@ class Task:
 
 
 # ------------------------------------------------------------------------------ images
+SKIPPED = -100  # the label of an unreadable image skipped with --skip-corrupt (cross-entropy ignores it)
+
+
 class ImageList(Dataset):
-    """(image, label) or (image, label, domain) from relative paths under a root."""
+    """(image, label) or (image, label, domain) from relative paths under a root.
+
+    With skip_corrupt, an unreadable image is replaced by a blank one and its label by SKIPPED,
+    so training ignores it and evaluation can exclude and count it, also across loader workers.
+    """
 
     def __init__(
         self,
@@ -142,7 +149,11 @@ class ImageList(Dataset):
 
     def __getitem__(self, index: int):
         item = self.items[index]
-        return (self.transform(self.load(index)), *item[1:])
+        n_corrupt = len(self.corrupt)
+        image = self.transform(self.load(index))
+        if len(self.corrupt) > n_corrupt:  # skipped: label SKIPPED travels with the batch (worker-safe)
+            return (image, SKIPPED, *item[2:])
+        return (image, *item[1:])
 
 
 def seed_worker(worker_id: int) -> None:

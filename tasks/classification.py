@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from peftbench.errors import UsageError
 from peftbench.fewshot import sample_fewshot, split_path, write_or_check
 from peftbench.registry import get_dataset, register_dataset, register_task
-from peftbench.task import DataEnv, ImageList, Task, TaskData, TaskOptions, files_fingerprint
+from peftbench.task import SKIPPED, DataEnv, ImageList, Task, TaskData, TaskOptions, files_fingerprint
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -117,17 +117,17 @@ class Classification(Task):
 
     def evaluate(self, model, data: TaskData, env: DataEnv) -> dict[str, float]:
         loader = DataLoader(data.test, batch_size=env.eval_batch_size, num_workers=env.workers)
-        correct = total = 0
+        correct = total = skipped = 0
         for images, labels in loader:
             images, labels = images.to(env.device), labels.to(env.device)
+            keep = labels != SKIPPED  # unreadable images skipped with --skip-corrupt are not scored
+            skipped += int((~keep).sum())
             pred = model.logits(images).argmax(dim=-1)
-            correct += int((pred == labels).sum())
-            total += labels.numel()
-        corrupt = len(getattr(data.test, "corrupt", []))
-        out = {"acc": 100.0 * correct / max(total, 1), "_n_images": total}
-        if corrupt:
-            data.info["corrupt_skipped"] = corrupt
-        return out
+            correct += int((pred == labels)[keep].sum())
+            total += int(keep.sum())
+        if skipped:
+            data.info["corrupt_skipped"] = skipped
+        return {"acc": 100.0 * correct / max(total, 1), "_n_images": total + skipped}
 
 
 def check_files_exist(root: Path, rel_paths: list[str], dataset: str) -> None:
