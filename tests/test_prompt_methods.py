@@ -258,3 +258,12 @@ def test_runs_on_both_tasks_text_side_trains_through_retrieval_loss(name, backbo
     # retrieval ranks the image embedding: CoOp leaves it untouched, MaPLe prompts it
     same = torch.allclose(model.encode_image(x), backbone.encode_image(x), atol=ATOL)
     assert same == (name in ("coop", "cocoop"))
+
+
+def test_maple_random_init_when_the_phrase_is_shorter_than_the_context(backbone):
+    """Official rule: init from ctx_init only if n_ctx fits in it; otherwise N(0, 0.02) with "X" tokens."""
+    torch.manual_seed(0)
+    model = MaPLe(backbone, CLASSES, MaPLeConfig(n_ctx=6))  # "a photo of a" has 4 tokens
+    assert model.prompts()[0] == "X X X X X X red."
+    assert model.prompt.ctx.shape == (6, backbone.text_width)
+    assert abs(model.prompt.ctx.std().item() - 0.02) < 0.006
