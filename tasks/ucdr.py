@@ -683,12 +683,27 @@ class UCDR(Task):
     def evaluate(self, model, data: TaskData, env: DataEnv) -> dict[str, float]:
         opts: UCDROptions = self.options
         sets: RetrievalSets = data.test
-        needed = {name for q, gs in sets.settings.values() for name in (q, *gs)}
+        needed = sorted({name for q, gs in sets.settings.values() for name in (q, *gs)})
+        # Each image is embedded once, even when it sits in several sets (the U^d-CDR gallery
+        # overlaps the held-back seen gallery).
+        row: dict[str, int] = {}
+        items, flags = [], []
+        for name in needed:
+            ds = sets.images[name]
+            for it, inv in zip(ds.items, ds.invert, strict=True):
+                if it[0] not in row:
+                    row[it[0]] = len(items)
+                    items.append(it)
+                    flags.append(inv)
+        first = sets.images[needed[0]]
+        union = UCDRImages(first.root, items, first.transform, invert=flags, skip_corrupt=first.skip_corrupt)
+        all_feats, _ = embed(model, union, env)  # (U, E)
         feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        n_images = 0
-        for name in sorted(needed):
-            feats[name] = embed(model, sets.images[name], env)
-            n_images += len(sets.images[name])
+        for name in needed:
+            ds = sets.images[name]
+            idx = torch.tensor([row[it[0]] for it in ds.items], dtype=torch.long)
+            feats[name] = (all_feats[idx], torch.tensor([it[1] for it in ds.items], dtype=torch.long))
+        n_images = len(union)
         mk, pk = data.info["metric_k"]["map"], data.info["metric_k"]["prec"]
         map_k = None if mk == "all" else int(mk)
         out: dict[str, float] = {}
@@ -709,7 +724,7 @@ class UCDR(Task):
                 "n_gallery": r.n_gallery,
             }
         data.info["evaluation"] = caps
-        corrupt = sum(len(s.corrupt) for s in sets.images.values())
+        corrupt = len(union.corrupt)
         if corrupt:
             data.info["corrupt_skipped"] = corrupt
         out["_n_images"] = n_images
