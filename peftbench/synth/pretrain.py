@@ -122,6 +122,38 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def print_table(table: dict[str, dict]) -> None:
+    for d, row in table.items():
+        print(f"{d:10s} all {row['all']:5.1f}  seen classes {row['seen_classes']:5.1f}  "
+              f"held-out classes {row['heldout_classes']:5.1f}  "
+              f"{'pretraining' if row['in_pretraining'] else 'HELD OUT'}")
+
+
+def update_table(out_dir: Path, argv: list[str] | None) -> None:
+    """Recompute the zero-shot table of the weights in `out_dir` with the current generator.
+
+    For a generator change that touches only the held-out domains (which pretraining never sees),
+    the weights stay valid; the manifest records the new version and this command.
+    """
+    from peftbench.backbone import load_backbone
+
+    path = out_dir / MANIFEST.name
+    manifest = json.loads(path.read_text())
+    weights = out_dir / manifest["weights"]
+    if sha256_file(weights) != manifest["sha256"]:
+        raise SystemExit(f"{weights} does not match {path} (sha256): retrain instead")
+    bb = load_backbone(str(CONFIG), str(weights))
+    table = zeroshot_table(bb.model, bb.tokenizer)
+    print_table(table)
+    manifest["zeroshot"]["top1_by_domain"] = table
+    manifest["zeroshot"]["generator_version"] = G.GENERATOR_VERSION
+    manifest["zeroshot"]["command"] = " ".join(
+        ["python -m peftbench.synth.pretrain", *(sys.argv[1:] if argv is None else argv)]
+    )
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    print(f"updated {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=400)
@@ -133,7 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out-dir", type=Path, default=HERE, help="where weights and MANIFEST.json go")
+    p.add_argument("--table-only", action="store_true",
+                   help="recompute the manifest's zero-shot table for the existing weights (no training)")
     args = p.parse_args(argv)
+    if args.table_only:
+        update_table(args.out_dir, argv)
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -197,10 +234,7 @@ def main(argv: list[str] | None = None) -> None:
 
     bb = load_backbone(str(CONFIG), str(weights))
     table = zeroshot_table(bb.model, bb.tokenizer)
-    for d, row in table.items():
-        print(f"{d:10s} all {row['all']:5.1f}  seen classes {row['seen_classes']:5.1f}  "
-              f"held-out classes {row['heldout_classes']:5.1f}  "
-              f"{'pretraining' if row['in_pretraining'] else 'HELD OUT'}")
+    print_table(table)
     manifest = {
         "name": "synth-tiny",
         "weights": weights.name,
