@@ -60,7 +60,7 @@ def write_tree(root: Path, domains: dict[str, str], classes: list[str], n: dict[
 
 
 DN_DOMAINS = {"clipart": "jpg", "quickdraw": "png", "real": "jpg", "sketch": "jpg"}
-DN_N = {"clipart": 3, "quickdraw": 4, "real": 13, "sketch": 4}
+DN_N = {"clipart": 3, "quickdraw": 10, "real": 13, "sketch": 4}
 
 
 @pytest.fixture
@@ -346,3 +346,21 @@ def test_resolve_hashes_task_options():
         RunSpec(**base, task_overrides=(("similarity", "euclidean"),)), torch.device("cpu")
     ).config_hash
     assert h1 != h2
+
+
+def test_domainnet_quickdraw_held_out_uses_its_pair_and_fraction(tmp_path, data_root):
+    from peftbench.backbone import load_backbone
+
+    task = ucdr.UCDR(ucdr.UCDROptions(held_out="quickdraw"))
+    data = task.build("domainnet", 1, 1, load_backbone(TINY, None), env_for(tmp_path, data_root))
+    assert data.info["udcdr_fraction"] == 0.10 and data.info["validation_query_domain"] == "sketch"
+    assert data.info["train_domains"] == ["clipart", "real", "sketch"]
+    assert all(d != 1 for _, _, d in data.train.items)  # quickdraw (domain index 1) never trains
+    # U^d-CDR: floor(0.10 x 10) = 1 quickdraw query and floor(0.10 x 13) = 1 real per seen class
+    assert len(data.test.images["query_ud"]) == 3 and len(data.test.images["gallery_ud"]) == 3
+    for c in LISTS["domainnet_trainval_classes"]:  # one quickdraw image per seen class: floor(0.1) = 0
+        for f in (data_root / "DomainNet" / "quickdraw" / c).iterdir():
+            if not f.name.endswith("_000.png"):
+                f.unlink()
+    with pytest.raises(UsageError, match="U\\^d-CDR has no images"):
+        task.build("domainnet", 1, 1, load_backbone(TINY, None), env_for(tmp_path / "b", data_root))
