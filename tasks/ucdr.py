@@ -387,12 +387,16 @@ class UCDR(Task):
                 + (f", raised to the task minimum {opts.min_steps}" if mail < opts.min_steps else "")
             )
         # warm-up as a fraction of the method's own run
-        frac = 0.0
+        frac, warmup_rule = 0.0, "none"
         if config.warmup_iters and config.iterations:
-            frac = config.warmup_iters / config.iterations
+            frac, warmup_rule = config.warmup_iters / config.iterations, "fraction of the method's iterations"
         elif config.warmup_epochs and config.epochs:
-            frac = config.warmup_epochs / config.epochs
+            frac, warmup_rule = config.warmup_epochs / config.epochs, "fraction of the method's epochs"
         warmup = int(round(min(frac, 1.0) * steps))
+        if not frac and (config.warmup_iters or config.warmup_epochs):
+            # the method's run length is in other units than its warm-up: keep a warm-up in steps
+            warmup = min(steps, config.warmup_iters or int(round(config.warmup_epochs)))
+            warmup_rule = "kept in steps (the method's length and warm-up are in different units)"
         changes: dict[str, Any] = {
             "iterations": steps,
             "epochs": None,
@@ -406,6 +410,7 @@ class UCDR(Task):
             "steps_rule": rule,
             "warmup_fraction": frac,
             "warmup_steps": warmup,
+            "warmup_rule": warmup_rule,
             "method_own_length": {"epochs": config.epochs, "iterations": config.iterations},
             "kept": {
                 "optimizer": config.optimizer,
