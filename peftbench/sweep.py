@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import submitit
+import torch
 import typer
 import yaml
 from rich.markup import escape
@@ -451,7 +452,6 @@ class Cell:
 
 def plan(exp: Experiment, store: ResultStore) -> list[Cell]:
     """Resolve every spec (config hash) and look each cell up in the store."""
-    import torch
 
     from peftbench.runner import get_backbone, resolve
 
@@ -546,6 +546,7 @@ class JobSettings:
     log_folder: str | None = None
     threads: int | None = None  # torch threads per job (None: torch's default)
     progress: bool = False
+    experiment: str | None = None  # the experiment file (written into records)
 
 
 class SweepJob(submitit.helpers.Checkpointable):
@@ -560,7 +561,6 @@ class SweepJob(submitit.helpers.Checkpointable):
         self.finished = 0  # RunSpecs of this chunk already handled (read by checkpoint())
 
     def __call__(self, specs: list[RunSpec]) -> list[dict[str, Any]]:
-        import torch
 
         from peftbench.registry import load_plugins
         from peftbench.results import ResultStore
@@ -614,7 +614,12 @@ class SweepJob(submitit.helpers.Checkpointable):
 
 def job_info(settings: JobSettings) -> dict[str, Any]:
     """Where this job's logs are: written into each record it appends."""
-    info: dict[str, Any] = {"executor": settings.executor, "host": socket.gethostname(), "pid": os.getpid()}
+    info: dict[str, Any] = {
+        "executor": settings.executor,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "experiment": settings.experiment,
+    }
     if settings.executor == "inprocess" or not settings.log_folder:
         return info
     try:
@@ -797,6 +802,9 @@ def sweep_cmd(
     if executor == "slurm" and not dry_run and shutil.which("sbatch") is None:
         make_executor("slurm", Path("."), slurm, exp.name, 0)  # raises the clear error, before any work
 
+    device = device or exp.device
+    if executor == "local" and device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} was asked for but no CUDA device is available; use --device cpu")
     rdir, root, split = _store_and_settings(exp, results_dir, data_root, split_dir)
     store = ResultStore(rdir)
     cells = plan(exp, store)
@@ -842,11 +850,12 @@ def sweep_cmd(
         results_dir=str(rdir.resolve()),
         data_root=root,
         split_dir=split,
-        device=device or exp.device,
+        device=device,
         loader_workers=loader_workers,
         plugins=tuple(str(p) for p in exp.plugins),
         retry_failed=retry_failed,
         progress=executor == "local" and workers == 1,
+        experiment=str(exp.path.resolve()),
     )
     if executor == "local" and workers == 1:
         results = SweepJob(settings)(specs)
@@ -867,8 +876,18 @@ def sweep_cmd(
         per_job = int(slurm.get("chunk_size") or 1)
         chunks = [specs[i : i + per_job] for i in range(0, len(specs), per_job)]
     ex = make_executor(executor, Path(settings.log_folder), slurm, exp.name, float(time_min or 7 * 24 * 60))
-    with ex.batch():
-        jobs = [ex.submit(SweepJob(settings), c) for c in chunks]
+    if executor == "local":
+        # submitit's LocalExecutor hides every GPU unless asked (CUDA_VISIBLE_DEVICES=""): give each
+        # worker one GPU, round-robin, when this machine has any and the device is not forced to CPU.
+        n_gpus = torch.cuda.device_count() if settings.device != "cpu" else 0
+        jobs = []
+        for i, c in enumerate(chunks):
+            if n_gpus:
+                ex.update_parameters(gpus_per_node=1, visible_gpus=(i % n_gpus,))
+            jobs.append(ex.submit(SweepJob(settings), c))
+    else:
+        with ex.batch():
+            jobs = [ex.submit(SweepJob(settings), c) for c in chunks]
     ids = ", ".join(str(j.job_id) for j in jobs)
     err.print(
         escape(
