@@ -71,6 +71,10 @@ def test_unknown_names_list_the_choices():
         G.class_id("mauve_star")
     with pytest.raises(UsageError, match="synth_sketch"):
         get_dataset("classification", "synth_sktech")
+    from peftbench.tasks.ucdr import UCDROptions
+
+    with pytest.raises(UsageError, match="task.held_out.*sketch, quickdraw"):
+        get_dataset("ucdr", "synth")().load(None, UCDROptions(held_out="painting"))
 
 
 def test_cache_is_written_atomically_and_matches_render(tmp_path):
