@@ -397,3 +397,17 @@ def test_unknown_backbone_lists_choices(tmp_path, folder_dataset, plugin_file):
     assert res.exit_code == 2
     text = " ".join(res.output.split())
     assert f"{exp}:2: unknown backbone 'tiny-tset' (did you mean 'tiny-test'?)" in text and "choices:" in text
+
+
+def test_checkpoint_requeues_only_the_unfinished_runspecs(tmp_path):
+    """What submitit pickles on preemption: a fresh job over the RunSpecs not yet finished."""
+    from peftbench.runner import RunSpec
+    from peftbench.sweep import JobSettings, SweepJob
+
+    specs = [RunSpec(method="zeroshot", seed=s) for s in (1, 2, 3)]
+    job = SweepJob(JobSettings(results_dir=str(tmp_path)))
+    job.finished = 1  # the first RunSpec was handled before the signal arrived
+    delayed = job.checkpoint(specs)
+    assert isinstance(delayed.function, SweepJob) and delayed.function is not job
+    assert delayed.function.finished == 0 and delayed.function.settings == job.settings
+    assert delayed.args == (specs[1:],)
