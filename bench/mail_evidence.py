@@ -43,45 +43,51 @@ def label(method: str, over: tuple) -> str:
 
 
 def run_cells(args, env: DataEnv, store: ResultStore) -> dict:
-    """(task, method, overrides) -> list of primary-metric values over seeds."""
+    """(task, method, overrides) -> primary-metric values over seeds. The main comparison runs first
+    on both tasks, then the ablation; with --render-only nothing runs and finished cells are read."""
+    from peftbench.runner import resolve
+
     out: dict = {}
-    for task, dataset, shots in (
-        ("classification", "synth", args.cls_shots),
-        ("ucdr", "synth", args.ucdr_shots),
-    ):
-        metric = get_task(task).primary_metric
-        for method, over in MAIN + ABLATION:
-            method_over = dict(over)
-            task_over = {}
-            if method != "zeroshot":
-                if task == "classification" and args.cls_steps:
-                    method_over.update(iterations=args.cls_steps, lr=args.cls_lr)
-                if task == "ucdr" and args.ucdr_steps:
-                    task_over["steps"] = args.ucdr_steps
-            for seed in args.seeds:
-                spec = RunSpec(
-                    method=method,
-                    task=task,
-                    dataset=dataset,
-                    backbone=args.backbone,
-                    shots=shots,
-                    seed=seed,
-                    method_overrides=tuple(sorted(method_over.items())),
-                    task_overrides=tuple(sorted(task_over.items())),
-                )
-                outcome = execute(spec, store, env, progress=False)
-                rec = outcome.record or {}
-                if rec.get("status") != "ok":
-                    print(f"  {task} {method} {over} seed {seed}: {outcome.status} {rec.get('error', '')}")
-                    continue
-                value = rec["metrics"][metric]["value"]
-                out.setdefault((task, method, over), []).append(value)
-                print(
-                    f"  {task:14s} {label(method, over):28s} seed {seed}: {metric} {value:.4f} "
-                    f"(merged: {rec.get('merged')}, trainable {rec['params']['trainable']:,}, "
-                    f"steps {rec.get('train', {}).get('steps')})",
-                    flush=True,
-                )
+    tasks = (("classification", "synth", args.cls_shots), ("ucdr", "synth", args.ucdr_shots))
+    for group in (MAIN, ABLATION):
+        for task, dataset, shots in tasks:
+            metric = get_task(task).primary_metric
+            for method, over in group:
+                method_over = dict(over)
+                task_over = {}
+                if method != "zeroshot":
+                    if task == "classification" and args.cls_steps:
+                        method_over.update(iterations=args.cls_steps, lr=args.cls_lr)
+                    if task == "ucdr" and args.ucdr_steps:
+                        task_over["steps"] = args.ucdr_steps
+                for seed in args.seeds:
+                    spec = RunSpec(
+                        method=method,
+                        task=task,
+                        dataset=dataset,
+                        backbone=args.backbone,
+                        shots=shots,
+                        seed=seed,
+                        method_overrides=tuple(sorted(method_over.items())),
+                        task_overrides=tuple(sorted(task_over.items())),
+                    )
+                    if args.render_only:
+                        rec = store.latest(resolve(spec, env.device).config_hash) or {}
+                        status = rec.get("status", "not run")
+                    else:
+                        outcome = execute(spec, store, env, progress=False)
+                        rec, status = outcome.record or {}, outcome.status
+                    if rec.get("status") != "ok":
+                        print(f"  {task} {label(method, over)} seed {seed}: {status} {rec.get('error', '')}")
+                        continue
+                    value = rec["metrics"][metric]["value"]
+                    out.setdefault((task, method, over), []).append(value)
+                    print(
+                        f"  {task:14s} {label(method, over):28s} seed {seed}: {metric} {value:.4f} "
+                        f"(merged: {rec.get('merged')}, trainable {rec['params']['trainable']:,}, "
+                        f"steps {rec.get('train', {}).get('steps')})",
+                        flush=True,
+                    )
     return out
 
 
@@ -149,12 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[1])
     ap.add_argument("--cls-shots", type=int, default=4)
     ap.add_argument("--ucdr-shots", type=int, default=2)  # MAIL's main FS-UCDR setting
-    ap.add_argument("--cls-steps", type=int, default=100, help="0: the full classification recipe")
+    ap.add_argument("--cls-steps", type=int, default=40, help="0: the full classification recipe")
     ap.add_argument("--cls-lr", type=float, default=2e-4, help="lr of the capped classification runs")
-    ap.add_argument("--ucdr-steps", type=int, default=0, help="0: the task's run length")
+    ap.add_argument("--ucdr-steps", type=int, default=40, help="0: the task's run length")
     ap.add_argument("--results-dir", type=Path, default=Path("results/mail_evidence"))
     ap.add_argument("--data-root", type=Path, default=None)
     ap.add_argument("--no-doc", action="store_true", help="print only; do not rewrite docs/mail.md")
+    ap.add_argument("--render-only", action="store_true", help="run nothing; tabulate the finished cells")
     args = ap.parse_args(argv)
     args.argv = argv
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -4,7 +4,7 @@
     .venv/bin/python bench/mail_speed.py --backbone synth-tiny --batch 32 --reps 50
 
 Inference: image encoding of one batch (class text features are cached at deployment), frozen CLIP,
-merged MAIL and unmerged MAIL timed in interleaved rounds (frozen, merged, unmerged, frozen, ...)
+merged MAIL and unmerged MAIL timed in interleaved rounds (the order rotates every round)
 so that load changes on a shared machine hit all three alike; medians over the rounds. The merged
 model is a plain CLIP of the same architecture, so its ratio to frozen CLIP must be ~1 (<= 1.02).
 Train step: one optimiser step (logits over the class prompts, cross-entropy, backward, AdamW) of
@@ -50,9 +50,10 @@ def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict[str, float]:
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            times[k].append(timed(fn))
+    keys = list(fns)
+    for i in range(reps):
+        for k in keys[i % len(keys) :] + keys[: i % len(keys)]:  # rotate the order every round
+            times[k].append(timed(fns[k]))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
