@@ -886,8 +886,14 @@ def sweep_cmd(
                 ex.update_parameters(gpus_per_node=1, visible_gpus=(i % n_gpus,))
             jobs.append(ex.submit(SweepJob(settings), c))
     else:
-        with ex.batch():
-            jobs = [ex.submit(SweepJob(settings), c) for c in chunks]
+        try:
+            with ex.batch():
+                jobs = [ex.submit(SweepJob(settings), c) for c in chunks]
+        except Exception as e:  # sbatch refused (bad partition, account, limits): one clear line
+            msg = " ".join(str(e).split())[:400]
+            raise UsageError(
+                f"SLURM refused the job array: {msg} (check --partition, --sbatch flags)"
+            ) from None
     ids = ", ".join(str(j.job_id) for j in jobs)
     err.print(
         escape(

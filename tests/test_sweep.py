@@ -369,6 +369,19 @@ BAD = [
     ),
     ("methods: {zeroshot: \ntasks: []\n", 7, "malformed YAML", ""),
     ("methods: {}\ntasks: {classification: {datasets: [imagefolder]}}\n", 6, "the grid is empty", ""),
+    (
+        "methods: {zeroshot: }\nmethods: {coop: }\ntasks: {classification: {datasets: [imagefolder]}}\n",
+        7,
+        "duplicate key 'methods'",
+        "first on line 6",
+    ),
+    (
+        "methods: {zeroshot: }\ntasks:\n  ucdr:\n    datasets:\n"
+        "      - {name: synth, options: {held_outt: sketch}}\n",
+        10,
+        "unknown ucdr task option key 'held_outt'",
+        "did you mean 'held_out'",
+    ),
 ]
 
 
