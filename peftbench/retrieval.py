@@ -162,8 +162,8 @@ def retrieval_metrics(
         q, g = l2_normalize(query_features.float()), l2_normalize(gallery_features.float())
     else:
         q, g = query_features.double(), gallery_features.double()
-    glab = gallery_labels.to(q.device).long()
-    qlab = query_labels.to(q.device).long()
+    glab = gallery_labels.to(q.device).to(torch.int32)
+    qlab = query_labels.to(q.device).to(torch.int32)
     width = n if kmax >= n else min(n, kmax + gallery_chunk)
     rows = max(1, budget // width)  # query chunk size
     ap_sum = torch.zeros((), dtype=torch.float64)
@@ -172,10 +172,14 @@ def retrieval_metrics(
     for start in range(0, n_q, rows):
         idx = ranked_indices(q[start : start + rows], g, kmax, kind, gallery_chunk)  # (B, kmax)
         rel = glab[idx] == qlab[start : start + rows, None]  # (B, kmax) bool
-        rel_m = rel[:, :mk].to(torch.float64)
-        hits_cum = rel_m.cumsum(dim=1)  # (B, mk)
-        hits = hits_cum[:, -1]
-        ap = (hits_cum / ranks * rel_m).sum(dim=1) / hits.clamp_min(1)  # 0 when no hit
+        rel_m = rel[:, :mk]
+        hits_cum = rel_m.cumsum(dim=1, dtype=torch.int32)  # (B, mk) exact integer counts
+        hits = hits_cum[:, -1].to(torch.float64)  # (B,)
+        # precision@i only where rel_i = 1 (a few per row): sum them per query in float64
+        r, c = rel_m.nonzero(as_tuple=True)  # (M,), (M,)
+        prec_at = hits_cum[r, c].to(torch.float64) / ranks[c]  # (M,)
+        ap = torch.zeros(len(hits), dtype=torch.float64, device=q.device).index_add_(0, r, prec_at)
+        ap = ap / hits.clamp_min(1)  # 0 when no hit
         ap_sum += ap.sum().cpu()
         prec_sum += (rel[:, :pk].sum(dim=1).to(torch.float64) / pk).sum().cpu()
     return RetrievalResult(
