@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 import textwrap
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 from peftbench.cli import app
+from peftbench.registry import METHODS
 from peftbench.results import ResultStore
 from peftbench.sweep import load_experiment, plan
 
@@ -89,7 +91,10 @@ runner = CliRunner()
 def plugin_file(tmp_path) -> Path:
     path = tmp_path / "sweep_test_plugin.py"
     path.write_text(PLUGIN)
-    return path
+    yield path
+    # Leave the registry as other test files expect it (the plugin registers "tiny-train" here too).
+    METHODS.pop("tiny-train", None)
+    sys.modules.pop("peftbench_plugin_sweep_test_plugin", None)
 
 
 def write_exp(tmp_path: Path, folder: Path, body: str, name: str = "exp.yaml") -> Path:
