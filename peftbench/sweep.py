@@ -561,7 +561,7 @@ class SweepJob(submitit.helpers.Checkpointable):
         self.finished = 0  # RunSpecs of this chunk already handled (read by checkpoint())
 
     def __call__(self, specs: list[RunSpec]) -> list[dict[str, Any]]:
-
+        """Run `specs` in order (finished cells are skipped by the runner); one summary per spec."""
         from peftbench.registry import load_plugins
         from peftbench.results import ResultStore
         from peftbench.runner import execute
@@ -639,7 +639,14 @@ def chunk(items: list, n_chunks: int) -> list[list]:
 
 def slurm_parameters(slurm: dict[str, Any], name: str) -> dict[str, Any]:
     """The experiment's/CLI's SLURM settings as submitit AutoExecutor parameters."""
-    params: dict[str, Any] = {"name": f"peftbench-{name}", "tasks_per_node": 1, "nodes": 1}
+    # timeout_min: submitit's own default is 5 minutes; 4 h is a common partition limit, and a job
+    # that hits it is requeued with what it had not finished.
+    params: dict[str, Any] = {
+        "name": f"peftbench-{name}",
+        "tasks_per_node": 1,
+        "nodes": 1,
+        "timeout_min": 240,
+    }
     mapping = {
         "partition": "slurm_partition",
         "gpus_per_node": "gpus_per_node",
