@@ -168,6 +168,16 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def check_files_exist(root: Path, rel_paths: list[str], dataset: str) -> None:
+    """One error with the count and the first few paths when listed files are missing."""
+    missing = [p for p in rel_paths if not (root / p).is_file()]
+    if missing:
+        first = ", ".join(missing[:3])
+        raise UsageError(
+            f"{dataset}: {len(missing)} file(s) listed in the split are missing under {root}, e.g. {first}"
+        )
+
+
 def files_fingerprint(paths: Sequence[str]) -> str:
     """sha256 of the sorted list of files read."""
     return sha256_text("\n".join(sorted(paths)))

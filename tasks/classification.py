@@ -20,7 +20,16 @@ from torch.utils.data import DataLoader
 from peftbench.errors import UsageError
 from peftbench.fewshot import sample_fewshot, split_path, write_or_check
 from peftbench.registry import get_dataset, register_dataset, register_task
-from peftbench.task import SKIPPED, DataEnv, ImageList, Task, TaskData, TaskOptions, files_fingerprint
+from peftbench.task import (
+    SKIPPED,
+    DataEnv,
+    ImageList,
+    Task,
+    TaskData,
+    TaskOptions,
+    check_files_exist,
+    files_fingerprint,
+)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -128,16 +137,6 @@ class Classification(Task):
         if skipped:
             data.info["corrupt_skipped"] = skipped
         return {"acc": 100.0 * correct / max(total, 1), "_n_images": total + skipped}
-
-
-def check_files_exist(root: Path, rel_paths: list[str], dataset: str) -> None:
-    """One error with the count and the first few paths when listed files are missing."""
-    missing = [p for p in rel_paths if not (root / p).is_file()]
-    if missing:
-        first = ", ".join(missing[:3])
-        raise UsageError(
-            f"{dataset}: {len(missing)} file(s) listed in the split are missing under {root}, e.g. {first}"
-        )
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -28,14 +28,22 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from peftbench.tasks.classification import check_files_exist
 from torch.utils.data import DataLoader, Sampler
 
 from peftbench.errors import ConfigError, UsageError
 from peftbench.fewshot import draw, sample_fewshot, split_path, write_or_check
 from peftbench.registry import get_dataset, register_task
 from peftbench.retrieval import RULES, l2_normalize, retrieval_metrics
-from peftbench.task import DataEnv, ImageList, Task, TaskData, TaskOptions, files_fingerprint, seed_worker
+from peftbench.task import (
+    DataEnv,
+    ImageList,
+    Task,
+    TaskData,
+    TaskOptions,
+    check_files_exist,
+    files_fingerprint,
+    seed_worker,
+)
 
 SETTINGS = ("ucdr", "ucdr_mixed", "udcdr", "uccdr")
 SIMILARITIES = ("cosine", "euclidean")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,6 +13,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_regular_install_maps_the_plugin_folders(tmp_path):
+    # Build from a copy of the tracked files, so setuptools' build/ never lands in the checkout.
+    src = tmp_path / "src"
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True)
+    for rel in tracked.stdout.splitlines():
+        if (REPO / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, src / rel)
     wheel_dir = tmp_path / "wheel"
     subprocess.run(
         [
@@ -24,7 +32,7 @@ def test_regular_install_maps_the_plugin_folders(tmp_path):
             "-q",
             "-w",
             wheel_dir,
-            REPO,
+            src,
         ],
         check=True,
         cwd=tmp_path,
