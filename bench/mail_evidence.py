@@ -42,6 +42,18 @@ def label(method: str, over: tuple) -> str:
     return name + (f" ({', '.join(extra)})" if extra else "")
 
 
+USED: dict[str, str] = {}  # task -> the metric tabulated
+
+
+def pick_metric(metrics: dict, primary: str) -> str:
+    """The task's primary metric, or (the embedded world caps K at its gallery size, e.g. map@50
+    instead of map@200) the first metric of the same family without a setting suffix."""
+    if primary in metrics:
+        return primary
+    family = primary.split("@")[0] + "@"
+    return next((m for m in metrics if m.startswith(family) and "_" not in m), next(iter(metrics)))
+
+
 def run_cells(args, env: DataEnv, store: ResultStore) -> dict:
     """(task, method, overrides) -> primary-metric values over seeds. The main comparison runs first
     on both tasks, then the ablation; with --render-only nothing runs and finished cells are read."""
@@ -51,7 +63,6 @@ def run_cells(args, env: DataEnv, store: ResultStore) -> dict:
     tasks = (("classification", "synth", args.cls_shots), ("ucdr", "synth", args.ucdr_shots))
     for group in (MAIN, ABLATION):
         for task, dataset, shots in tasks:
-            metric = get_task(task).primary_metric
             for method, over in group:
                 method_over = dict(over)
                 task_over = {}
@@ -80,6 +91,8 @@ def run_cells(args, env: DataEnv, store: ResultStore) -> dict:
                     if rec.get("status") != "ok":
                         print(f"  {task} {label(method, over)} seed {seed}: {status} {rec.get('error', '')}")
                         continue
+                    metric = pick_metric(rec["metrics"], get_task(task).primary_metric)
+                    USED[task] = metric
                     value = rec["metrics"][metric]["value"]
                     out.setdefault((task, method, over), []).append(value)
                     print(
@@ -99,7 +112,8 @@ def fmt(values: list[float]) -> str:
 
 
 def tables(results: dict, args) -> str:
-    cls_metric, ucdr_metric = get_task("classification").primary_metric, get_task("ucdr").primary_metric
+    cls_metric = USED.get("classification", get_task("classification").primary_metric)
+    ucdr_metric = USED.get("ucdr", get_task("ucdr").primary_metric)
     lines = [
         f"Embedded world (`{args.backbone}`), seeds {', '.join(map(str, args.seeds))}; classification: "
         f"`synth`, {args.cls_shots} shots, "
