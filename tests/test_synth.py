@@ -23,9 +23,11 @@ from peftbench.synth.pretrain import TEMPLATE, to_tensor
 
 
 @pytest.fixture
-def synth_cache(request, monkeypatch):
-    """A persistent cache under .pytest_cache, so repeated runs do not redraw the images."""
-    root = request.config.cache.mkdir("peftbench-synth")
+def synth_cache(request, monkeypatch, tmp_path_factory):
+    """A persistent cache under .pytest_cache (when pytest's cache plugin is on), so repeated runs
+    do not redraw the images; a session temporary folder otherwise."""
+    cache = getattr(request.config, "cache", None)
+    root = cache.mkdir("peftbench-synth") if cache else tmp_path_factory.mktemp("peftbench-synth")
     monkeypatch.setenv("PEFTBENCH_CACHE", str(root))
     return root
 
