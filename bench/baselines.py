@@ -57,9 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=300, help="cap on optimiser steps per run; 0: no cap")
     p.add_argument("--results-dir", type=Path, default=None, help="keep the records here (default: temp)")
     p.add_argument("--no-doc", action="store_true", help="print only, do not write docs/baselines.md")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: on a shared 2-core machine, 2 threads ran 7x slower)")
     args = p.parse_args(argv)
 
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(args.threads)
     available = classification_methods()
     asked = [m.strip() for m in args.methods.split(",") if m.strip()]
     methods = available if args.methods == "all" else asked
