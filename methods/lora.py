@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftbench.backbone import Backbone, attn_forward, block_parts, freeze, replace_submodule
+from peftbench.backbone import (
+    Backbone,
+    attn_forward,
+    block_parts,
+    freeze,
+    replace_submodule,
+    restore_submodule,
+)
 from peftbench.config import MethodConfig, RunContext, check
 from peftbench.method import Method
 from peftbench.registry import register_method
@@ -170,8 +177,7 @@ class LoRA(Method):
                 for i, t in enumerate(TARGETS):
                     if t in wrapper.targets:
                         attn.in_proj_weight[i * d:(i + 1) * d] += wrapper.delta_weight(t)  # (D, D) slice
-            replace_submodule(merged, path, attn)
-            attn._peftbench_owned = False  # back to a plain CLIP module (stays in eval mode)
+            restore_submodule(merged, path, attn)
         freeze(merged)
         return merged
 

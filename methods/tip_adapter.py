@@ -117,7 +117,6 @@ class TipAdapter(Method):
         self.register_buffer("alpha", torch.tensor(cfg.init_alpha, device=backbone.device))  # used in eval
         self.register_buffer("beta", torch.tensor(cfg.init_beta, device=backbone.device))
         self._val: tuple[torch.Tensor, torch.Tensor] | None = None  # (features, labels), not saved
-        self._trained_since_search = False
         self.search_log: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ cache
@@ -216,15 +215,12 @@ class TipAdapter(Method):
         self.search_log = {"searched": True, "val_acc": best[0], "alpha": best[2], "beta": best[1],
                            "n_val": int(y.numel())}
 
+    def after_fit(self, train_data: Any) -> None:
+        """Training ended: search alpha/beta again with the trained keys (main.py, after -F)."""
+        self.search_hp()
+
     def train(self, mode: bool = True) -> TipAdapter:
         cache = self._text_cache
-        if mode:
-            self._trained_since_search = True
-        elif self.training and self._trained_since_search and self._val is not None:
-            # Training just ended: search alpha/beta again with the trained keys (main.py, after -F).
-            super().train(False)
-            self.search_hp()
-            self._trained_since_search = False
         super().train(mode)
         self._text_cache = cache  # frozen text features do not change with the mode
         return self

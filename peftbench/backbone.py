@@ -298,6 +298,13 @@ def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     return old
 
 
+def restore_submodule(root: nn.Module, path: str, original: nn.Module) -> None:
+    """Put a CLIP module back at `path` (undoing replace_submodule when merging): it is CLIP's
+    again, so it stays in eval mode."""
+    replace_submodule(root, path, original)
+    original._peftbench_owned = False
+
+
 def attn_forward(
     attn: nn.MultiheadAttention,
     x: torch.Tensor,

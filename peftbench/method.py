@@ -104,6 +104,9 @@ class Method(nn.Module):
     def prepare(self, train_data: Any) -> None:
         """Build state from the training set before training (Tip-Adapter's cache). Default: none."""
 
+    def after_fit(self, train_data: Any) -> None:
+        """Called once training ends, before the state is saved (Tip-Adapter re-searches on val)."""
+
     def regularizer(self) -> torch.Tensor | None:
         """An extra loss term added to the task's loss (methods may only add regularisers)."""
         return None

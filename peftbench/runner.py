@@ -118,7 +118,8 @@ def resolve(spec: RunSpec, device: torch.device, check_dataset: bool = True) -> 
     task_cls = get_task(spec.task)
     if spec.task not in method_cls.tasks:
         raise UsageError(
-            f"method {spec.method!r} does not support task {spec.task!r}; it supports: {', '.join(method_cls.tasks)}"
+            f"method {spec.method!r} does not support task {spec.task!r}; "
+            f"it supports: {', '.join(method_cls.tasks)}"
         )
     dataset = spec.dataset or task_cls.default_dataset
     if check_dataset:
@@ -238,6 +239,7 @@ def _run(run: ResolvedRun, env: DataEnv, progress: bool, checkpoint_dir: Path | 
             progress,
             description=f"{spec.method} {run.dataset} {spec.shots}-shot seed {spec.seed}",
         )
+        model.after_fit(data)
         record["train"] = dataclasses.asdict(stats)
         state = model.trainable_state_dict()
         evaluated = model

@@ -339,7 +339,8 @@ def test_tip_adapter_cache_search_and_state(backbone):
 
 def test_tip_adapter_searches_again_after_training(backbone):
     model = TipAdapter(backbone, CLASSES, TipAdapterConfig(shots=2, search_steps=(5, 5)))
-    model.prepare(tip_data(backbone))
+    data = tip_data(backbone)
+    model.prepare(data)
     calls = []
     original = model.search_hp
     model.search_hp = lambda: (calls.append(1), original())
@@ -348,9 +349,9 @@ def test_tip_adapter_searches_again_after_training(backbone):
     loss.backward()
     assert model.keys.weight.grad is not None and model.keys.weight.grad.abs().max() > 0
     model.eval()
+    assert calls == []  # switching modes never searches implicitly
+    model.after_fit(data)  # the runner calls this once training ends
     assert calls == [1]
-    model.eval()
-    assert calls == [1]  # only once per training run
 
 
 def test_tip_adapter_needs_shots(backbone):

@@ -152,6 +152,7 @@ def test_same_spec_twice_gives_identical_metrics(tmp_path, folder_dataset):
 
     register_method("_probe_det")(Probe)
     Probe.poison = False
+    Probe.after_fit_calls = 0
     try:
         env = DataEnv(data_root=folder_dataset, split_dir=tmp_path / "splits")
         spec = RunSpec(
@@ -167,5 +168,6 @@ def test_same_spec_twice_gives_identical_metrics(tmp_path, folder_dataset):
         assert a["status"] == b["status"] == "ok"
         assert a["metrics"] == b["metrics"] and a["train"]["final_loss"] == b["train"]["final_loss"]
         assert a["train"]["steps"] == 3 * 4  # 16 images / batch 4 = 4 steps per epoch
+        assert Probe.after_fit_calls == 2  # once per run, after training
     finally:
         METHODS.pop("_probe_det")

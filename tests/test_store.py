@@ -127,6 +127,7 @@ class Probe(Method):
     """A one-parameter method whose regulariser can be poisoned with NaN (test-only)."""
 
     poison = True
+    after_fit_calls = 0
 
     def __init__(self, backbone, classnames, config=None, template="a photo of a {}."):
         super().__init__(backbone, classnames, config, template)
@@ -137,6 +138,9 @@ class Probe(Method):
 
     def regularizer(self):
         return torch.tensor(float("nan")) if Probe.poison else None
+
+    def after_fit(self, train_data):
+        Probe.after_fit_calls += 1
 
 
 @pytest.fixture
