@@ -48,12 +48,6 @@ from peftbench.registry import register_method
 REFERENCE_PROMPT_DEPTH = 9  # TRAINER.MAPLE.PROMPT_DEPTH on 12-block towers
 
 
-def _ln_pre(backbone: Backbone) -> nn.LayerNorm:
-    # TODO(backbone.py): expose `Backbone.ln_pre` (the image tower's pre-transformer LayerNorm,
-    # open_clip `visual.ln_pre`); MaPLe appends its input-level visual prompts before it.
-    return backbone.visual.ln_pre
-
-
 def resolve_prompt_depth(depth: int | None, n_text_blocks: int) -> int:
     """The prompt depth used on a text tower of `n_text_blocks` blocks (validated)."""
     if depth is None:
@@ -199,7 +193,7 @@ class MaPLe(Method):
         bb = self.backbone
         x = bb.image_embed(images)  # (B, 1 + P, w_v), after ln_pre
         n = self.prompt.n_ctx
-        vis = _ln_pre(bb)(self.proj(self.prompt.ctx)).to(x.dtype)  # (n, w_v): appended before ln_pre
+        vis = bb.ln_pre(self.proj(self.prompt.ctx)).to(x.dtype)  # (n, w_v): appended before ln_pre
         x = torch.cat([x, vis.unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)  # (B, 1 + P + n, w_v)
 
         def block_fn(i: int, h: torch.Tensor) -> torch.Tensor:  # before image block i (0-based)

@@ -114,6 +114,11 @@ class Backbone(nn.Module):
         return self.text.transformer.resblocks
 
     @property
+    def ln_pre(self) -> nn.LayerNorm:
+        """The image tower's LayerNorm before the blocks (image_embed applies it per token)."""
+        return self.visual.ln_pre
+
+    @property
     def ln_post(self) -> nn.LayerNorm:
         return self.visual.ln_post
 
