@@ -108,7 +108,8 @@ def fmt(values: list[float]) -> str:
     if not values:
         return "-"
     mean = statistics.mean(values)
-    return f"{mean:.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+    digits = 4 if abs(mean) <= 1 else 2  # mAP in [0, 1]; accuracy in percent
+    return f"{mean:.{digits}f}" + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
 
 
 def tables(results: dict, args) -> str:
@@ -144,7 +145,12 @@ def tables(results: dict, args) -> str:
         "|---|---|---|",
     ]
     lines += [row(m, o).replace(label(m, o), dict(o)["bridge"]) for m, o in ABLATION]
-    lines += ["", f"Command: `.venv/bin/python bench/mail_evidence.py {' '.join(args.argv)}`".rstrip()]
+    runs = " ".join(a for a in args.argv if a != "--render-only")
+    lines += [
+        "",
+        f"Command: `.venv/bin/python bench/mail_evidence.py {runs}`".replace(" `", "`").rstrip()
+        + " (resumable; `--render-only` tabulates finished cells; `-` = not run).",
+    ]
     return "\n".join(lines)
 
 
