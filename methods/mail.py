@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftbench.backbone import Backbone, block_parts, freeze, replace_submodule
+from peftbench.backbone import Backbone, block_parts, freeze, replace_submodule, restore_submodule
 from peftbench.config import MethodConfig, RunContext, check
 from peftbench.errors import ConfigError, UsageError
 from peftbench.method import Method, check_range, coupled_image_block, map_range
@@ -223,11 +223,6 @@ class _Wrap:
     kind: str  # ln | linear | attn
 
 
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
-
-
 # ------------------------------------------------------------------------------ method
 @register_method("mail")
 class MAIL(Method):
@@ -374,11 +369,11 @@ class MAIL(Method):
         wrappers = {w.path: bb.get_submodule(w.path) for w in self._wraps}
         try:
             for path, wrapper in wrappers.items():
-                _set_submodule(bb, path, wrapper.inner)
+                restore_submodule(bb, path, wrapper.inner)
             plain = copy.deepcopy(bb)
         finally:
             for path, wrapper in wrappers.items():
-                _set_submodule(bb, path, wrapper)
+                replace_submodule(bb, path, wrapper)
         freeze(plain)
         return plain
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as peftbench/__init__.py does, before torch loads
+
 from pathlib import Path
 
 import numpy as np
