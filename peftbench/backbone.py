@@ -28,6 +28,8 @@ from peftbench.errors import UsageError
 
 log = logging.getLogger(__name__)
 
+CROP_SCALE = (0.08, 1.0)  # CoOp / Dassl random_resized_crop default area range
+
 # Backbones that ship with peftbench: name -> (open_clip config JSON, default weights file).
 # The embedded world registers "synth-tiny" here (peftbench/synth/__init__.py).
 _SHIPPED: dict[str, tuple[Path, Path | None]] = {}
@@ -82,18 +84,25 @@ class Backbone(nn.Module):
         self.tokenizer = tokenizer
         self.eval_transform = preprocess_eval
         self.mean, self.std = tuple(mean), tuple(std)
-        size = info.image_size
-        # CoOp's train augmentation: random resized crop (bicubic) + horizontal flip + CLIP norm.
-        self.train_transform = T.Compose(
+        self.train_transform = self.make_train_transform()
+        freeze(self)
+
+    def make_train_transform(self, crop_scale: tuple[float, float] = CROP_SCALE) -> T.Compose:
+        """CoOp's train augmentation: random resized crop (bicubic) + horizontal flip + CLIP norm.
+
+        `crop_scale` is the crop's area range; a dataset may declare another (recorded in the run).
+        """
+        return T.Compose(
             [
-                T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                T.RandomResizedCrop(
+                    self.info.image_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC
+                ),
                 T.RandomHorizontalFlip(),
                 T.Lambda(_to_rgb),
                 T.ToTensor(),
                 T.Normalize(self.mean, self.std),
             ]
         )
-        freeze(self)
 
     # ----------------------------------------------------------------- towers and handles
     @property

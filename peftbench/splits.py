@@ -45,6 +45,9 @@ class _TransformsOnly:
     train_transform = None
     eval_transform = None
 
+    def make_train_transform(self, crop_scale=None):
+        return None
+
 
 @command("splits")
 def splits(

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from peftbench.backbone import CROP_SCALE
 from peftbench.errors import UsageError
 from peftbench.fewshot import sample_fewshot, split_path, write_or_check
 from peftbench.registry import get_dataset, register_dataset, register_task
@@ -45,6 +46,7 @@ class ClassificationSource:
     val: list[tuple[str, int]] | None  # None: draw validation from unused training images
     test: list[tuple[str, int]]
     notes: list[str] | None = None
+    train_crop_scale: tuple[float, float] = CROP_SCALE  # random-resized-crop area range (CoOp's default)
 
 
 class ClassificationDataset:
@@ -103,7 +105,10 @@ class Classification(Task):
             classnames=source.classnames,
             template=source.template,
             train=ImageList(
-                source.root, train_items, backbone.train_transform, skip_corrupt=env.skip_corrupt
+                source.root,
+                train_items,
+                backbone.make_train_transform(source.train_crop_scale),
+                skip_corrupt=env.skip_corrupt,
             ),
             val=ImageList(source.root, val_items, backbone.eval_transform, skip_corrupt=env.skip_corrupt),
             test=ImageList(source.root, source.test, backbone.eval_transform, skip_corrupt=env.skip_corrupt),
@@ -117,7 +122,7 @@ class Classification(Task):
                 "n_classes": len(source.classnames),
                 "short_groups": split["short_groups"],
             },
-            info={"notes": source.notes or []},
+            info={"notes": source.notes or [], "train_crop_scale": list(source.train_crop_scale)},
         )
 
     def loss(self, model, batch) -> torch.Tensor:

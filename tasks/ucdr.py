@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
+from peftbench.backbone import CROP_SCALE
 from peftbench.errors import ConfigError, UsageError
 from peftbench.fewshot import draw, sample_fewshot, split_path, write_or_check
 from peftbench.registry import get_dataset, register_task
@@ -90,6 +91,7 @@ class UCDRSource:
     map_k: int | None = 200  # mAP@K; None = mAP@all
     prec_k: int = 200  # Prec@K
     template: str = "a photo of a {}."
+    train_crop_scale: tuple[float, float] = CROP_SCALE  # random-resized-crop area range (CoOp's default)
     unlisted: list[str] = field(default_factory=list)  # class folders on disk that are in no list
     notes: list[str] = field(default_factory=list)  # recorded in the run (e.g. which class split)
 
@@ -617,7 +619,8 @@ class UCDR(Task):
             inv_flags = [sorted(src.domains)[d] in inv for _, _, d in its]
             return cls(src.root, its, transform, invert=inv_flags, skip_corrupt=env.skip_corrupt, **kw)
 
-        train = images(train_items, backbone.train_transform)
+        train = images(train_items, backbone.make_train_transform(src.train_crop_scale))
+        info["train_crop_scale"] = list(src.train_crop_scale)
         val = images(
             val_q_items,
             backbone.eval_transform,

@@ -62,6 +62,7 @@ def test_run_zeroshot_end_to_end_writes_records_and_skips_on_rerun(tmp_path, fol
         assert key in rec
     assert rec["metrics"]["acc"]["direction"] == "higher"
     assert rec["data"]["split_sha256"] and rec["data"]["files_sha256"]
+    assert rec["task_info"]["train_crop_scale"] == [0.08, 1.0]  # CoOp's augmentation, recorded
     assert (tmp_path / "res" / "splits" / "classification" / "imagefolder" / "shots1_seed1.json").is_file()
 
     again = invoke(*run_args(tmp_path, folder_dataset, "--shots", "1,2", "--seeds", "1"))

@@ -235,9 +235,7 @@ def test_templates_reach_the_method(tmp_path):
     assert model.prompts() == ["alpha one texture.", "beta texture.", "gamma texture."]
 
 
-class _Transforms:
-    train_transform = None
-    eval_transform = None
+from peftbench.splits import _TransformsOnly as _Transforms  # noqa: E402  (a transforms-only backbone)
 
 
 # ------------------------------------------------------------------------------ ImageNet / FGVC specifics

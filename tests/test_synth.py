@@ -121,4 +121,5 @@ def test_demo_run_with_no_flags(tmp_path, synth_cache, monkeypatch):
     assert records and records[0]["status"] == "ok"
     assert records[0]["resolved"]["task"]["dataset"] == "synth"
     assert records[0]["data"]["n_classes"] == len(G.CLASSNAMES)
+    assert records[0]["task_info"]["train_crop_scale"] == [0.9, 1.0]  # the 32 px world's milder crop
     assert records[0]["metrics"]["acc"]["value"] > 3 * 100 / len(G.CLASSNAMES)
