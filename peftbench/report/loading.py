@@ -55,7 +55,10 @@ def method_label(name: str, overrides: dict[str, Any]) -> str:
 def backbone_label(backbone: dict[str, Any]) -> str:
     """`ViT-B-16-quickgelu@openai`; `+quickgelu` when forced on a name without it; `@none`: random weights."""
     name = str(backbone.get("name"))
-    label = f"{name}@{backbone.get('weights') or 'none'}"
+    weights = str(backbone.get("weights") or "none")
+    if weights.startswith("sha256:"):  # a local file: its digest, shortened as git shortens commits
+        weights = weights[: len("sha256:") + 12]
+    label = f"{name}@{weights}"
     return label + ("+quickgelu" if backbone.get("quick_gelu") and "quickgelu" not in name.lower() else "")
 
 
