@@ -101,6 +101,26 @@ class Task:
         raise NotImplementedError
 
 
+class DatasetReader:
+    """Base of dataset readers: `folder` under the data root, and the `layout` shown when it is wrong."""
+
+    name: ClassVar[str] = "?"
+    folder: ClassVar[str] = ""  # sub-folder of the data root
+    layout: ClassVar[str] = ""  # the expected layout, shown when the root is wrong
+
+    def root(self, env: DataEnv) -> Path:
+        """`<data-root>/<folder>`, or a UsageError with the expected tree and the path tried."""
+        if env.data_root is None:
+            raise UsageError(
+                f"dataset {self.name!r} needs a data root: pass --data-root DIR or set PEFTBENCH_DATA "
+                f"(expected layout: {self.layout})"
+            )
+        root = Path(env.data_root) / self.folder
+        if not root.is_dir():
+            raise UsageError(f"dataset {self.name!r}: {root} not found (expected layout: {self.layout})")
+        return root
+
+
 # ------------------------------------------------------------------------------ images
 SKIPPED = -100  # the label of an unreadable image skipped with --skip-corrupt (cross-entropy ignores it)
 

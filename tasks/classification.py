@@ -24,6 +24,7 @@ from peftbench.registry import get_dataset, register_dataset, register_task
 from peftbench.task import (
     SKIPPED,
     DataEnv,
+    DatasetReader,
     ImageList,
     Task,
     TaskData,
@@ -49,27 +50,13 @@ class ClassificationSource:
     train_crop_scale: tuple[float, float] = CROP_SCALE  # random-resized-crop area range (CoOp's default)
 
 
-class ClassificationDataset:
+class ClassificationDataset(DatasetReader):
     """Base for classification datasets: `load(env)` reads the disk layout."""
 
-    name = "?"
     template = "a photo of a {}."
-    folder = ""  # sub-folder of the data root
-    layout = ""  # the expected layout, shown when the root is wrong
 
     def load(self, env: DataEnv) -> ClassificationSource:
         raise NotImplementedError
-
-    def root(self, env: DataEnv) -> Path:
-        if env.data_root is None:
-            raise UsageError(
-                f"dataset {self.name!r} needs a data root: pass --data-root DIR or set PEFTBENCH_DATA "
-                f"(expected layout: {self.layout})"
-            )
-        root = Path(env.data_root) / self.folder
-        if not root.is_dir():
-            raise UsageError(f"dataset {self.name!r}: {root} not found (expected layout: {self.layout})")
-        return root
 
 
 @dataclass(frozen=True)

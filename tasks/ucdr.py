@@ -37,6 +37,7 @@ from peftbench.registry import get_dataset, register_task
 from peftbench.retrieval import RULES, l2_normalize, retrieval_metrics
 from peftbench.task import (
     DataEnv,
+    DatasetReader,
     ImageList,
     Task,
     TaskData,
@@ -137,7 +138,7 @@ class UCDROptions(TaskOptions):
         check(self, "val_per_class", self.val_per_class >= 1, "must be >= 1")
 
 
-class UCDRDataset:
+class UCDRDataset(DatasetReader):
     """Base for UCDR datasets: `load(env, options)` reads the disk layout into a UCDRSource.
 
     Subclasses set `folder` (under the data root) and `layout` (shown when the root is wrong),
@@ -176,18 +177,6 @@ class UCDRDataset:
                 f"(got {options.class_split!r})"
             )
         return value
-
-    def root(self, env: DataEnv) -> Path:
-        """`<data-root>/<folder>`, or a UsageError with the expected tree and the path tried."""
-        if env.data_root is None:
-            raise UsageError(
-                f"dataset {self.name!r} needs a data root: pass --data-root DIR or set PEFTBENCH_DATA "
-                f"(expected layout: {self.layout})"
-            )
-        root = Path(env.data_root) / self.folder
-        if not root.is_dir():
-            raise UsageError(f"dataset {self.name!r}: {root} not found (expected layout: {self.layout})")
-        return root
 
     def require_dirs(self, root: Path, names: list[str]) -> None:
         """Every `root/name` must be a folder, else the expected tree and the path tried."""
