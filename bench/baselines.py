@@ -15,6 +15,10 @@ printed and written to docs/baselines.md (unless --no-doc).
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see peftbench/__init__.py
+
 import argparse
 import statistics
 import sys

@@ -17,6 +17,10 @@ is given. Every setting is printed with the tables.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see peftbench/__init__.py
+
 import argparse
 import re
 import statistics

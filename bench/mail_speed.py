@@ -14,6 +14,10 @@ interleaved. Not a timed test: run it by hand and paste the table into docs/mail
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see peftbench/__init__.py
+
 import argparse
 import statistics
 import sys

@@ -11,6 +11,10 @@ threads the CPU time / 2 is the wall time an idle 2-core machine would need).
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see peftbench/__init__.py
+
 import argparse
 import json
 import multiprocessing as mp

@@ -16,8 +16,11 @@ store), or from a timing measured here:
 
 from __future__ import annotations
 
-import argparse
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see peftbench/__init__.py
+
+import argparse
 import subprocess
 import sys
 import tempfile

@@ -21,11 +21,14 @@ through a plugin file, so it needs no data, no weights and a few minutes of CPU.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see peftbench/__init__.py
+
 import argparse
 import hashlib
 import json
 import multiprocessing as mp
-import os
 import random
 import signal
 import subprocess
