@@ -159,6 +159,7 @@ def run(
     seed_list = parse_int_list(seeds, "--seeds")
     method_over, task_over = split_sets(set_ or [])
     env = _env(data_root, split_dir, results_dir, workers, device, strict_shots, skip_corrupt)
+    env.progress = progress
     store = ResultStore(results_dir)
     specs = [
         RunSpec(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ class DataEnv:
     eval_batch_size: int = 128
     strict_shots: bool = False
     skip_corrupt: bool = False
+    progress: bool = True  # progress bars on stderr for long evaluations
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
@@ -174,6 +176,23 @@ class ImageList(Dataset):
         if len(self.corrupt) > n_corrupt:  # skipped: label SKIPPED travels with the batch (worker-safe)
             return (image, SKIPPED, *item[2:])
         return (image, *item[1:])
+
+
+def eval_batches(loader: DataLoader, env: DataEnv, description: str = "evaluate"):
+    """Iterate over an evaluation loader with a transient progress bar on stderr."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(file=sys.stderr),
+        disable=not env.progress,
+        transient=True,
+    ) as bar:
+        yield from bar.track(loader, total=len(loader), description=description)
 
 
 def seed_worker(worker_id: int) -> None:

@@ -30,6 +30,7 @@ from peftbench.task import (
     TaskData,
     TaskOptions,
     check_files_exist,
+    eval_batches,
     files_fingerprint,
 )
 
@@ -119,7 +120,7 @@ class Classification(Task):
     def evaluate(self, model, data: TaskData, env: DataEnv) -> dict[str, float]:
         loader = DataLoader(data.test, batch_size=env.eval_batch_size, num_workers=env.workers)
         correct = total = skipped = 0
-        for images, labels in loader:
+        for images, labels in eval_batches(loader, env, f"evaluate ({len(data.test)} images)"):
             images, labels = images.to(env.device), labels.to(env.device)
             keep = labels != SKIPPED  # unreadable images skipped with --skip-corrupt are not scored
             skipped += int((~keep).sum())

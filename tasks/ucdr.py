@@ -43,6 +43,7 @@ from peftbench.task import (
     TaskData,
     TaskOptions,
     check_files_exist,
+    eval_batches,
     files_fingerprint,
     seed_worker,
 )
@@ -740,7 +741,7 @@ def embed(model, images: UCDRImages, env: DataEnv) -> tuple[torch.Tensor, torch.
     """(N, E) float32 features (on CPU) and (N,) labels, in batches with env.workers loaders."""
     loader = DataLoader(images, batch_size=env.eval_batch_size, num_workers=env.workers)
     feats, labels = [], []
-    for batch in loader:
+    for batch in eval_batches(loader, env, f"embed ({len(images)} images)"):
         x = batch[0].to(env.device)
         feats.append(model.encode_image(x).float().cpu())  # (B, E)
         labels.append(batch[1])
