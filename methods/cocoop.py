@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from peftbench.methods.coop import ContextPrompts, n_tokens, phrase_vectors
 from torch import nn
 
 from peftbench.backbone import Backbone
 from peftbench.config import MethodConfig, check
 from peftbench.errors import ConfigError
-from peftbench.method import Method, classname_text, l2norm
+from peftbench.method import Method, l2norm
+from peftbench.methods.coop import ContextPrompts, init_context
 from peftbench.registry import register_method
 
 
@@ -86,18 +86,7 @@ class CoCoOp(Method):
     ):
         super().__init__(backbone, classnames, config, template)
         cfg = self.config
-        phrase = classname_text(cfg.ctx_init).strip()
-        if phrase:
-            n_ctx = n_tokens(backbone, phrase)
-            if n_ctx < 1:
-                raise ConfigError("ctx_init", f"phrase {cfg.ctx_init!r} has no tokens")
-            vectors = phrase_vectors(backbone, phrase, n_ctx)  # (M, w_t)
-            prefix_text = phrase
-        else:
-            n_ctx = cfg.n_ctx
-            vectors = torch.empty(n_ctx, backbone.text_width, device=backbone.device)  # (M, w_t)
-            nn.init.normal_(vectors, std=cfg.init_std)
-            prefix_text = " ".join(["X"] * n_ctx)
+        n_ctx, prefix_text, vectors = init_context(backbone, cfg.ctx_init, cfg.n_ctx, cfg.init_std)
         vis_dim = backbone.embed_dim  # official: clip_model.visual.output_dim
         hidden = vis_dim // cfg.meta_reduction
         if hidden < 1:

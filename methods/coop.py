@@ -203,6 +203,26 @@ class CoOpConfig(MethodConfig):
         return self
 
 
+def init_context(
+    backbone: Backbone, ctx_init: str, n_ctx: int, init_std: float
+) -> tuple[int, str, torch.Tensor]:
+    """(M, prefix text, context vectors (M, w_t)): from a phrase's word embeddings, or N(0, std).
+
+    Official: M = number of words of CTX_INIT; here the number of its BPE tokens (the same for
+    "a photo of a", and correct for phrases whose words split into pieces). Random init uses
+    "X" placeholders, as the official code does.
+    """
+    phrase = classname_text(ctx_init).strip()
+    if phrase:
+        n = n_tokens(backbone, phrase)
+        if n < 1:
+            raise ConfigError("ctx_init", f"phrase {ctx_init!r} has no tokens")
+        return n, phrase, phrase_vectors(backbone, phrase, n)  # (M, w_t)
+    vectors = torch.empty(n_ctx, backbone.text_width, device=backbone.device)  # (M, w_t)
+    nn.init.normal_(vectors, std=init_std)
+    return n_ctx, " ".join(["X"] * n_ctx), vectors
+
+
 @register_method("coop")
 class CoOp(Method):
     """CoOp (Zhou et al., IJCV 2022): M learned context vectors before the class-name tokens.
@@ -229,24 +249,11 @@ class CoOp(Method):
     ):
         super().__init__(backbone, classnames, config, template)
         cfg = self.config
-        init_phrase = classname_text(cfg.ctx_init).strip()
-        if init_phrase:
-            # Official: n_ctx = number of words of CTX_INIT; here the number of its BPE tokens
-            # (the same for "a photo of a", and correct for phrases whose words split into pieces).
-            n_ctx = n_tokens(backbone, init_phrase)
-            if n_ctx < 1:
-                raise ConfigError("ctx_init", f"phrase {cfg.ctx_init!r} has no tokens")
-            vectors = phrase_vectors(backbone, init_phrase, n_ctx)  # (M, w_t)
-            if cfg.csc:
-                vectors = vectors.unsqueeze(0).repeat(len(self.classnames), 1, 1)  # (C, M, w_t)
-            prefix_text = init_phrase
-        else:
-            n_ctx = cfg.n_ctx
-            width = backbone.text_width
-            shape = (len(self.classnames), n_ctx, width) if cfg.csc else (n_ctx, width)  # (C,M,w_t)/(M,w_t)
-            vectors = torch.empty(shape, device=backbone.device)
-            nn.init.normal_(vectors, std=cfg.init_std)
-            prefix_text = " ".join(["X"] * n_ctx)
+        n_ctx, prefix_text, vectors = init_context(backbone, cfg.ctx_init, cfg.n_ctx, cfg.init_std)
+        if cfg.csc:
+            vectors = vectors.unsqueeze(0).repeat(len(self.classnames), 1, 1)  # (C, M, w_t)
+            if not classname_text(cfg.ctx_init).strip():  # random init: an independent draw per class
+                nn.init.normal_(vectors, std=cfg.init_std)
         self.prompt = ContextPrompts(
             backbone, self.classnames, n_ctx, prefix_text, vectors, cfg.class_token_position
         )

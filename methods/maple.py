@@ -36,13 +36,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from peftbench.methods.coop import ContextPrompts, insert_context, n_tokens, phrase_vectors, prompt_tokens
 from torch import nn
 
 from peftbench.backbone import Backbone
 from peftbench.config import MethodConfig, RunContext, check
 from peftbench.errors import ConfigError, UsageError
 from peftbench.method import Method, classname_text, coupled_image_block, map_depth
+from peftbench.methods.coop import ContextPrompts, insert_context, n_tokens, phrase_vectors, prompt_tokens
 from peftbench.registry import register_method
 
 REFERENCE_PROMPT_DEPTH = 9  # TRAINER.MAPLE.PROMPT_DEPTH on 12-block towers

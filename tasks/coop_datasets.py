@@ -35,15 +35,14 @@ import warnings
 from pathlib import Path
 from typing import ClassVar
 
+from peftbench.errors import UsageError
+from peftbench.registry import register_dataset
+from peftbench.task import DataEnv
 from peftbench.tasks.classification import (
     IMAGE_EXTENSIONS,
     ClassificationDataset,
     ClassificationSource,
 )
-
-from peftbench.errors import UsageError
-from peftbench.registry import register_dataset
-from peftbench.task import DataEnv
 
 TASK = "classification"
 

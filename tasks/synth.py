@@ -21,12 +21,11 @@ Every dataset prompts with "a picture of a {}." (a caption form used in pretrain
 
 from __future__ import annotations
 
-from peftbench.tasks.classification import ClassificationDataset, ClassificationSource
-
 from peftbench.errors import UsageError
 from peftbench.registry import register_dataset
 from peftbench.synth import generator as G
 from peftbench.task import DataEnv
+from peftbench.tasks.classification import ClassificationDataset, ClassificationSource
 
 try:  # the UCDR task lives in tasks/ucdr.py
     from peftbench.tasks.ucdr import UCDRDataset, UCDROptions, UCDRSource

@@ -12,11 +12,10 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-from peftbench.tasks.ucdr import UCDRDataset, UCDROptions, UCDRSource, scan_domain
-
 from peftbench.errors import UsageError
 from peftbench.registry import register_dataset
 from peftbench.task import DataEnv
+from peftbench.tasks.ucdr import UCDRDataset, UCDROptions, UCDRSource, scan_domain
 
 SPLITS_DIR = Path(__file__).parent / "ucdr_splits"
 

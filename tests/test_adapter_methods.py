@@ -12,16 +12,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from peftbench.methods.clip_adapter import CLIPAdapter, CLIPAdapterConfig
-from peftbench.methods.lora import LoRA, LoRAAttention, LoRAConfig
-from peftbench.methods.mma import MMA, MMABlock, MMAConfig, grad_scale
-from peftbench.methods.tip_adapter import TipAdapter, TipAdapterConfig, search_grid
 from torch.utils.data import Dataset
 
 from peftbench.backbone import load_backbone
 from peftbench.config import RunContext, build_config
 from peftbench.errors import ConfigError
 from peftbench.method import l2norm
+from peftbench.methods.clip_adapter import CLIPAdapter, CLIPAdapterConfig
+from peftbench.methods.lora import LoRA, LoRAAttention, LoRAConfig
+from peftbench.methods.mma import MMA, MMABlock, MMAConfig, grad_scale
+from peftbench.methods.tip_adapter import TipAdapter, TipAdapterConfig, search_grid
 
 CLASSES = ["red", "green", "blue", "yellow"]
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import COLOURS, TINY, make_image
-from peftbench.tasks.classification import Classification
 from torch import nn
 from typer.testing import CliRunner
 
@@ -26,6 +25,7 @@ from peftbench.registry import METHODS, get_dataset, load_plugins, register_meth
 from peftbench.results import ResultStore
 from peftbench.runner import RunSpec, execute
 from peftbench.task import DataEnv, sha256_text
+from peftbench.tasks.classification import Classification
 
 load_plugins()
 

@@ -14,8 +14,6 @@ import open_clip
 import pytest
 import torch
 from conftest import TINY, TINY_CONFIG
-from peftbench.methods.mail import MAIL, MAILConfig
-from peftbench.methods.mail_pp import BRIDGES, MAILPP, MAILPPConfig
 from typer.testing import CliRunner
 
 from peftbench.backbone import load_backbone
@@ -23,6 +21,8 @@ from peftbench.cli import app
 from peftbench.config import RunContext
 from peftbench.errors import ConfigError, UsageError
 from peftbench.method import l2norm
+from peftbench.methods.mail import MAIL, MAILConfig
+from peftbench.methods.mail_pp import BRIDGES, MAILPP, MAILPPConfig
 from peftbench.results import ResultStore
 from peftbench.runner import RunSpec, execute
 from peftbench.task import DataEnv

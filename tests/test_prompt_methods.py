@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peftbench.methods.cocoop import CoCoOp, CoCoOpConfig
-from peftbench.methods.coop import CoOp, CoOpConfig
-from peftbench.methods.maple import MaPLe, MaPLeConfig
 
 from peftbench.backbone import load_backbone
 from peftbench.config import RunContext
 from peftbench.errors import ConfigError
 from peftbench.method import l2norm
+from peftbench.methods.cocoop import CoCoOp, CoCoOpConfig
+from peftbench.methods.coop import CoOp, CoOpConfig
+from peftbench.methods.maple import MaPLe, MaPLeConfig
 from peftbench.registry import METHODS, get_task, load_plugins
 
 CLASSES = ["red", "green_apple", "blue whale shark", "yellow"]
