@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,8 +112,12 @@ def fit(
     checkpoint: Path | None = None,
     progress: bool = True,
     description: str = "train",
+    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainStats:
-    """Train `model` in place; returns what happened. Raises NonFiniteLoss on NaN/inf."""
+    """Train `model` in place; returns what happened. Raises NonFiniteLoss on NaN/inf.
+
+    `on_step(step, loss)`, if given, is called after every optimiser step (steps count from 1);
+    a probe that evaluates there must restore `model.train()` before it returns."""
     stats = TrainStats()
     params = model.trainable_parameters()
     seed_everything(seed)
@@ -176,6 +181,8 @@ def fit(
                 step += 1
                 n_images += batch[0].shape[0]
                 stats.final_loss = float(loss.detach())
+                if on_step is not None:
+                    on_step(step, stats.final_loss)
                 elapsed = time.perf_counter() - t0
                 bar.update(
                     bar_task,

@@ -132,6 +132,30 @@ def test_schedule_warmup_then_cosine():
     assert lr_factor(exp, 100, 100, 0) == pytest.approx(1e-3)
 
 
+
+def test_fit_reports_every_step_to_on_step(tmp_path, folder_dataset):
+    import torch
+
+    from peftbench.runner import build_method
+    from peftbench.trainer import fit
+
+    env = DataEnv(data_root=folder_dataset, split_dir=tmp_path / "splits", progress=False)
+    spec = RunSpec(method="coop", dataset="imagefolder", backbone=TINY, pretrained=None, shots=4,
+                   method_overrides=(("epochs", 2), ("batch_size", 4)))
+    run = resolve(spec, torch.device("cpu"))
+    data = run.task.build(run.dataset, spec.shots, spec.seed, run.backbone, env)
+    model = build_method(run, data.classnames, data.template)
+    seen = []
+
+    def on_step(step, loss):
+        assert model.training  # called inside the loop, before the next batch
+        seen.append((step, loss))
+
+    stats = fit(model, run.task, data, run.method_config, env, spec.seed, progress=False, on_step=on_step)
+    assert [s for s, _ in seen] == list(range(1, stats.steps + 1)) and stats.steps == 2 * 4
+    assert seen[-1][1] == stats.final_loss
+
+
 # ------------------------------------------------------------------ runner
 def test_config_hash_depends_on_resolved_spec_only(folder_dataset):
     import torch
