@@ -14,8 +14,14 @@ prints top-1, the mean over images of the standard deviation of the cosine score
 training loss since the last evaluation. On the embedded world (`synth_*`, classes named
 "<colour>_<shape>") it also prints how often the predicted shape and colour are right.
 
+`--calibration` first prints, for the untrained method on the training shots, the cross-entropy
+at several logit scales: for the whole problem and, on the embedded world, for the shape among
+the true colour's classes and the colour among the true shape's classes. A loss that falls as the
+scale falls means the scores are confidently wrong there, and cross-entropy rewards flattening them.
+
 `--logit-scale S` replaces the backbone's logit scale for training and scoring; it changes the
-method, so it is a diagnosis knob, never a benchmark setting. Nothing is written to a results store.
+method, so it is a diagnosis knob, never a benchmark setting. Nothing is written to a results store
+(the few-shot split goes to a temporary folder).
 """
 
 from __future__ import annotations
@@ -27,9 +33,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see p
 import argparse
 import math
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from peftbench.config import parse_overrides
@@ -84,6 +93,32 @@ def probe(model, test, attrs) -> dict[str, float]:
     return out
 
 
+@torch.no_grad()
+def calibration(model, train, attrs, native: float) -> list[str]:
+    """Markdown table: cross-entropy of the untrained method's training-shot scores per logit scale."""
+    model.eval()
+    scores, labels = [], []
+    for images, y in DataLoader(train, batch_size=64):
+        scores.append(model.class_scores(model.encode_image(images), images))
+        labels.append(y)
+    s, y = torch.cat(scores), torch.cat(labels)
+    model.train()
+    problems = {"all classes": torch.ones_like(s, dtype=torch.bool)}
+    if attrs is not None:
+        colour, shape = attrs
+        problems["shape, given the colour"] = colour[None, :] == colour[y][:, None]
+        problems["colour, given the shape"] = shape[None, :] == shape[y][:, None]
+    scales = sorted({2.0, 4.0, 6.0, 8.0, 10.0, 25.0, round(native, 2)})
+    lines = ["| problem | top-1 (%) | " + " | ".join(
+        f"CE @ {k:g}{' (native)' if k == round(native, 2) else ''}" for k in scales) + " |",
+        "|---|---:|" + "---:|" * len(scales)]
+    for name, mask in problems.items():
+        ce = [float(F.cross_entropy((k * s).masked_fill(~mask, float("-inf")), y)) for k in scales]
+        top1 = 100 * float((s.masked_fill(~mask, float("-inf")).argmax(-1) == y).float().mean())
+        lines.append(f"| {name} | {top1:.1f} | " + " | ".join(f"{v:.3f}" for v in ce) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", required=True)
@@ -96,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=240, help="evaluate every N steps")
     p.add_argument("--test-per-class", type=int, default=3, help="test images per class (0: all)")
     p.add_argument("--logit-scale", type=float, default=None, help="diagnosis: replace the logit scale")
+    p.add_argument("--calibration", action="store_true", help="first print the loss-vs-logit-scale table")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     if args.steps < 1 or args.every < 1:
@@ -104,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     load_plugins()
-    env = DataEnv(device=torch.device("cpu"), progress=False)
+    splits = tempfile.TemporaryDirectory(prefix="peftbench-curve-")  # the same split a run would draw
+    env = DataEnv(device=torch.device("cpu"), progress=False, split_dir=Path(splits.name))
     overrides = parse_overrides(args.set) | {"iterations": args.steps}
     spec = RunSpec(method=args.method, dataset=args.dataset, backbone=args.backbone, shots=args.shots,
                    seed=args.seed, method_overrides=tuple(overrides.items()))
@@ -125,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     test = test_subset(data.test, args.test_per_class)
     attrs = attributes(list(data.classnames)) if args.dataset.startswith("synth") else None
     cfg = run.method_config
+    scale = args.logit_scale if args.logit_scale is not None else float(run.backbone.logit_scale)
+    if args.calibration:
+        print(f"Untrained `{args.method}`, cross-entropy on the {len(data.train)} training shots "
+              "(train augmentation) at several logit scales:\n")
+        print("\n".join(calibration(model, data.train, attrs, scale)) + "\n")
 
     losses: list[float] = []
     rows = [{"step": 0, "loss": None, **probe(model, test, attrs)}]
@@ -139,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
 
     fit(model, run.task, data, cfg, env, args.seed, progress=False, on_step=on_step)
 
-    scale = args.logit_scale if args.logit_scale is not None else float(run.backbone.logit_scale)
     print(f"`{args.method}` on `{args.dataset}`, {args.shots} shots, seed {args.seed}: "
           f"batch {cfg.batch_size}, "
           f"{cfg.optimizer} lr {cfg.lr:g}, warm-up {cfg.warmup_epochs:g} epoch(s), {args.steps} steps, "
