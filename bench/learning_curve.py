@@ -49,7 +49,7 @@ from peftbench.task import DataEnv
 from peftbench.trainer import fit, seed_everything
 
 
-def test_subset(test, per_class: int):
+def per_class_subset(test, per_class: int):
     if per_class <= 0:
         return test
     seen: dict[int, int] = {}
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.logit_scale is not None:
         with torch.no_grad():
             model.backbone.model.logit_scale.fill_(math.log(args.logit_scale))
-    test = test_subset(data.test, args.test_per_class)
+    test = per_class_subset(data.test, args.test_per_class)
     attrs = attributes(list(data.classnames)) if args.dataset.startswith("synth") else None
     cfg = run.method_config
     scale = args.logit_scale if args.logit_scale is not None else float(run.backbone.logit_scale)
