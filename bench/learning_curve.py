@@ -73,36 +73,31 @@ def attributes(classnames: list[str]) -> tuple[torch.Tensor, torch.Tensor] | Non
 
 
 @torch.no_grad()
-def probe(model, test, attrs) -> dict[str, float]:
+def score(model, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C) cosine scores of the method in eval mode and the (N,) labels; leaves it training."""
     model.eval()
-    n = correct = shape = colour = 0
-    spread = 0.0
-    for images, labels in DataLoader(test, batch_size=64):
-        scores = model.class_scores(model.encode_image(images), images)  # (B, C) cosines
-        pred = scores.argmax(dim=-1)
-        n += len(labels)
-        correct += int((pred == labels).sum())
-        spread += float(scores.std(dim=-1).sum())
-        if attrs is not None:
-            colour += int((attrs[0][pred] == attrs[0][labels]).sum())
-            shape += int((attrs[1][pred] == attrs[1][labels]).sum())
+    scores, labels = [], []
+    for images, y in DataLoader(dataset, batch_size=64):
+        scores.append(model.class_scores(model.encode_image(images), images))
+        labels.append(y)
     model.train()
-    out = {"top1": 100 * correct / n, "spread": spread / n}
+    return torch.cat(scores), torch.cat(labels)
+
+
+def probe(model, test, attrs) -> dict[str, float]:
+    s, y = score(model, test)
+    pred = s.argmax(dim=-1)
+    out = {"top1": 100 * float((pred == y).float().mean()), "spread": float(s.std(dim=-1).mean())}
     if attrs is not None:
-        out |= {"shape": 100 * shape / n, "colour": 100 * colour / n}
+        colour, shape = attrs
+        out["shape"] = 100 * float((shape[pred] == shape[y]).float().mean())
+        out["colour"] = 100 * float((colour[pred] == colour[y]).float().mean())
     return out
 
 
-@torch.no_grad()
 def calibration(model, train, attrs, native: float) -> list[str]:
     """Markdown table: cross-entropy of the untrained method's training-shot scores per logit scale."""
-    model.eval()
-    scores, labels = [], []
-    for images, y in DataLoader(train, batch_size=64):
-        scores.append(model.class_scores(model.encode_image(images), images))
-        labels.append(y)
-    s, y = torch.cat(scores), torch.cat(labels)
-    model.train()
+    s, y = score(model, train)
     problems = {"all classes": torch.ones_like(s, dtype=torch.bool)}
     if attrs is not None:
         colour, shape = attrs
